@@ -1,0 +1,84 @@
+/* qmatmul.h — quantized matmul y[M, N] = x[M, K] @ W[N, K]^T over the panel layout of
+ * qn_formats.h, and the inner tile kernels each ISA file provides.
+ *
+ * Integer formats (sym, asym): x is quantized to int8 per block of fb = min(group, 256)
+ * inputs (absmax / 127, round half to even); each block's integer dot product with the
+ * codes is scaled by s * d_x, zero points are folded into the integer sum and mins add
+ * m * sum(x_hat). Lookup-table formats: fp32 x times lut[code], scaled per group.
+ * Every ISA path performs the same float operations in the same order as the _ref twin,
+ * so results are bitwise equal across paths and thread counts.
+ */
+#ifndef QN_QMATMUL_H
+#define QN_QMATMUL_H
+
+#include "../qn_formats.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum qn_xdtype { QN_X_F32 = 0, QN_X_F16 = 1, QN_X_BF16 = 2 };
+
+/* One tile of work for an inner kernel: np panels (16 rows of W each) x mr rows of x. */
+typedef struct qn_qtile {
+    const uint8_t *codes;  /* first panel's codes; panels are panel_bytes apart */
+    int64_t panel_bytes;
+    const float *ws;       /* [np][n_groups][16] decoded scales */
+    const int32_t *wz;     /* [np][n_groups][16] zero points (int path), or NULL */
+    const float *wo;       /* [np][n_groups][16] additive mins (int path), or NULL */
+    int64_t n_groups, group;   /* group: inputs per group (Kp for per-row formats) */
+    /* int path: quantized activations */
+    const int8_t *xq;      /* [mr][ldxq] */
+    int64_t ldxq;
+    const float *xd;       /* [mr][ldxb] scale of each x block */
+    const float *xsum;     /* [mr][ldxb] d_x * sum of the block's codes */
+    const int32_t *xisum;  /* [mr][ldxb] sum of the block's codes */
+    int64_t ldxb, fb;      /* x block stride and inputs per block */
+    /* lut path: float activations */
+    const float *xf;       /* [mr][ldxf] */
+    int64_t ldxf;
+    const float *lut;      /* 2^bits entries */
+    int lut_kind;
+    int bits, np, mr;
+    int64_t Kp;
+    float *y;              /* [mr][ldy]: columns n0 .. n0 + ncols of the output */
+    int64_t ldy, ncols;
+} qn_qtile;
+
+typedef void (*qn_qtile_fn)(const qn_qtile *t);
+
+void qn_qtile_int_ref(const qn_qtile *t);
+void qn_qtile_lut_ref(const qn_qtile *t);
+void qn_qtile_int_avx2(const qn_qtile *t);
+void qn_qtile_lut_avx2(const qn_qtile *t);
+void qn_qtile_int_avx512(const qn_qtile *t);
+void qn_qtile_lut_avx512(const qn_qtile *t);
+
+/* Quantize rows of x to int8 per block of fb inputs; pads with zeros to Kp.
+ * xq[M][Kp], xd/xsum/xisum[M][nb] with nb = ceil(Kp / fb). */
+void qn_quantize_act_row_ref(int8_t *xq, float *xd, float *xsum, int32_t *xisum,
+                             const void *x, int xdtype, int64_t K, int64_t Kp, int64_t fb);
+void qn_quantize_act_row_avx2(int8_t *xq, float *xd, float *xsum, int32_t *xisum,
+                              const void *x, int xdtype, int64_t K, int64_t Kp, int64_t fb);
+void qn_quantize_act_row_avx512(int8_t *xq, float *xd, float *xsum, int32_t *xisum,
+                                const void *x, int xdtype, int64_t K, int64_t Kp, int64_t fb);
+
+/* Decode one code (row n of a panel, input k) from a panel's code bytes; for tests and refs. */
+int qn_code_at(const uint8_t *panel_codes, int bits, int64_t n, int64_t k);
+
+/* Decode panel p's scales into ws/wz/wo [n_groups][16] floats/ints: s, zero point (sym and
+ * zero-point formats), additive min (min formats). Pointers for absent parts may be NULL. */
+void qn_decode_panel_scales(const qn_qweight *w, int64_t p, float *ws, int32_t *wz, float *wo);
+
+/* Bytes of workspace qn_qmatmul needs for M rows with nthreads threads. */
+int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads);
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx, dtype xdtype) @ W^T.
+ * workspace: at least qn_qmatmul_workspace_size() bytes, 64-byte aligned. */
+qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype,
+                     int64_t M, int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

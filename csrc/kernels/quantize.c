@@ -1,0 +1,501 @@
+/* quantize.c — quantization of float32 W[N, K] into the panel layout, dequantization,
+ * and packing of row-major codes into panels (used by GGUF import/export).
+ *
+ * Work is split by panel (16 rows) with OpenMP; each thread quantizes its rows into a
+ * row-major code buffer from the workspace ([16][Kp] bytes) and packs it. The rules that
+ * reproduce GGUF's reference quantizers (q4_0, q4_1, q8_0) follow their float32 operation
+ * order exactly; this file is compiled with -ffp-contract=off so no FMA changes a rounding.
+ * Scalar C only: quantization runs once per weight, at load time.
+ */
+#include "quantize.h"
+
+#include <math.h>
+
+#include "qmatmul.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- packing ---- */
+
+static void pack_panel(uint8_t *out, const uint8_t *rows, int64_t ldr, int nrows, int bits, int64_t Kp) {
+    qn_planes pl = qn_fmt_planes(bits);
+    int64_t cb = QN_CHUNK_BYTES(bits);
+    memset(out, 0, (size_t)((Kp / QN_CHUNK) * cb));
+    for (int64_t c = 0; c < Kp / QN_CHUNK; c++) {
+        uint8_t *o = out + c * cb;
+        for (int n = 0; n < nrows; n++) {
+            const uint8_t *r = rows + n * ldr + c * QN_CHUNK;
+            for (int kk = 0; kk < QN_CHUNK; kk++) {
+                int v = r[kk], quad = kk / 4, idx = n * 4 + kk % 4, sh = 0;
+                if (bits == 8) { o[quad * 64 + idx] = (uint8_t)v; continue; }
+                if (pl.nib >= 0) {
+                    o[pl.nib + (quad / 2) * 64 + idx] |= (uint8_t)((v & 15) << ((quad & 1) * 4));
+                    sh = 4;
+                }
+                if (pl.crumb >= 0) {
+                    o[pl.crumb + (quad / 4) * 64 + idx] |= (uint8_t)(((v >> sh) & 3) << ((quad & 3) * 2));
+                    sh += 2;
+                }
+                if (pl.bit >= 0) o[pl.bit + idx] |= (uint8_t)(((v >> sh) & 1) << quad);
+            }
+        }
+    }
+}
+
+qn_status qn_pack_codes(uint8_t *out, const uint8_t *codes, int bits, int64_t N, int64_t K, int64_t ld) {
+    if (K % QN_CHUNK) return qn_set_error(QN_EINVAL, "pack_codes: K must be a multiple of 32");
+    int64_t np = qn_npanels(N), pbytes = (K / QN_CHUNK) * QN_CHUNK_BYTES(bits);
+    uint8_t lim = (uint8_t)((1 << bits) - 1);
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t k = 0; k < K; k++)
+            if (codes[i * ld + k] > lim)
+                return qn_set_error(QN_EINVAL, "pack_codes: code %d at [%lld, %lld] exceeds %d bits",
+                                    codes[i * ld + k], (long long)i, (long long)k, bits);
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < np; p++) {
+        int nrows = (int)qn_min64(QN_PANEL, N - p * QN_PANEL);
+        pack_panel(out + p * pbytes, codes + p * QN_PANEL * ld, ld, nrows, bits, K);
+    }
+    return QN_OK;
+}
+
+qn_status qn_unpack_codes(uint8_t *codes, const uint8_t *packed, int bits, int64_t N, int64_t K, int64_t ld) {
+    if (K % QN_CHUNK) return qn_set_error(QN_EINVAL, "unpack_codes: K must be a multiple of 32");
+    int64_t pbytes = (K / QN_CHUNK) * QN_CHUNK_BYTES(bits);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const uint8_t *pc = packed + (i / QN_PANEL) * pbytes;
+        for (int64_t k = 0; k < K; k++) codes[i * ld + k] = (uint8_t)qn_code_at(pc, bits, i % QN_PANEL, k);
+    }
+    return QN_OK;
+}
+
+/* ---- scale storage ---- */
+
+static inline float round_scale(float s, int scale) {
+    switch (scale) {
+    case QN_SCALE_F16: return qn_f16_to_f32(qn_f32_to_f16(s));
+    case QN_SCALE_BF16: return qn_bf16_to_f32(qn_f32_to_bf16(s));
+    default: return s;
+    }
+}
+
+static inline void store_scale(void *dst, int scale, int64_t i, float s) {
+    switch (scale) {
+    case QN_SCALE_F16: ((uint16_t *)dst)[i] = qn_f32_to_f16(s); break;
+    case QN_SCALE_BF16: ((uint16_t *)dst)[i] = qn_f32_to_bf16(s); break;
+    default: ((float *)dst)[i] = s; break;
+    }
+}
+
+static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+static inline int nearest(float v) { return (int)nearbyintf(v); }
+
+/* ---- per-group rules; each writes codes q[0..n) and returns the stored scale/offset ---- */
+
+/* q4_0 generalized: d = signed absmax / -2^(b-1). Same float ops as GGUF's quantizer. */
+static void rule_q4_0(const float *x, int n, int bits, uint8_t *q, float *d_out) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
+    int half = 1 << (bits - 1), qmax = (1 << bits) - 1;
+    float d = max / (float)-half;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float bias = (float)half + 0.5f;
+    for (int i = 0; i < n; i++) {
+        float v = x[i] * id + bias;
+        q[i] = (uint8_t)clampi((int)v, 0, qmax);
+    }
+    *d_out = d;
+}
+
+/* q8_0 generalized: d = absmax / (2^(b-1) - 1), codes roundf(x / d) + 2^(b-1). */
+static void rule_q8_0(const float *x, int n, int bits, uint8_t *q, float *d_out) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    int half = 1 << (bits - 1);
+    float d = amax / (float)(half - 1);
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) q[i] = (uint8_t)clampi((int)roundf(x[i] * id) + half, 0, 2 * half - 1);
+    *d_out = d;
+}
+
+/* q4_1 generalized: d = (max - min) / (2^b - 1), m = min. */
+static void rule_q4_1(const float *x, int n, int bits, uint8_t *q, float *d_out, float *m_out) {
+    float mn = x[0], mx = x[0];
+    for (int i = 1; i < n; i++) { mn = x[i] < mn ? x[i] : mn; mx = x[i] > mx ? x[i] : mx; }
+    int qmax = (1 << bits) - 1;
+    float d = (mx - mn) / (float)qmax;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) q[i] = (uint8_t)clampi((int)((x[i] - mn) * id + 0.5f), 0, qmax);
+    *d_out = d;
+    *m_out = mn;
+}
+
+/* Zero-point asym (GPTQ/AWQ style): range includes 0, s = range / (2^b - 1), z = round(-min/s). */
+static void rule_zero(const float *x, int n, int bits, int scale, uint8_t *q, float *s_out, int *z_out) {
+    float mn = 0.0f, mx = 0.0f;
+    for (int i = 0; i < n; i++) { mn = x[i] < mn ? x[i] : mn; mx = x[i] > mx ? x[i] : mx; }
+    int qmax = (1 << bits) - 1;
+    float s = round_scale((mx - mn) / (float)qmax, scale);
+    if (s == 0.0f) {
+        for (int i = 0; i < n; i++) q[i] = 0;
+        *s_out = 0.0f;
+        *z_out = 0;
+        return;
+    }
+    int z = clampi(nearest(-mn / s), 0, qmax);
+    for (int i = 0; i < n; i++) q[i] = (uint8_t)clampi(nearest(x[i] / s) + z, 0, qmax);
+    *s_out = s;
+    *z_out = z;
+}
+
+/* Lookup table: s = absmax / max|lut| (rounded to the scale dtype), codes = nearest entry. */
+typedef struct lut_sorted { float v[256]; uint8_t idx[256]; int n; float vmax; } lut_sorted;
+
+static void lut_sort(lut_sorted *ls, const float *lut, int n) {
+    ls->n = n;
+    ls->vmax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        ls->v[i] = lut[i];
+        ls->idx[i] = (uint8_t)i;
+        if (fabsf(lut[i]) > ls->vmax) ls->vmax = fabsf(lut[i]);
+    }
+    for (int i = 1; i < n; i++) { /* insertion sort, stable: equal values keep the lower index first */
+        float v = ls->v[i];
+        uint8_t id = ls->idx[i];
+        int j = i - 1;
+        while (j >= 0 && ls->v[j] > v) { ls->v[j + 1] = ls->v[j]; ls->idx[j + 1] = ls->idx[j]; j--; }
+        ls->v[j + 1] = v;
+        ls->idx[j + 1] = id;
+    }
+}
+
+static uint8_t lut_nearest(const lut_sorted *ls, float t) {
+    int lo = 0, hi = ls->n - 1;
+    if (t <= ls->v[0]) return ls->idx[0];
+    if (t >= ls->v[hi]) return ls->idx[hi];
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (ls->v[mid] <= t) lo = mid; else hi = mid;
+    }
+    /* ties go to the entry of smaller magnitude */
+    float dl = t - ls->v[lo], dh = ls->v[hi] - t;
+    if (dl < dh) return ls->idx[lo];
+    if (dh < dl) return ls->idx[hi];
+    return fabsf(ls->v[lo]) <= fabsf(ls->v[hi]) ? ls->idx[lo] : ls->idx[hi];
+}
+
+static void rule_lut(const float *x, int n, const lut_sorted *ls, int scale, uint8_t *q, float *s_out) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float s = ls->vmax > 0.0f ? round_scale(amax / ls->vmax, scale) : 0.0f;
+    /* a rounded-down scale must not push the largest value off the table */
+    if (s != 0.0f && amax / s > ls->vmax) s = round_scale(amax / ls->vmax * (1.0f + 1.0f / 256), scale);
+    float id = s != 0.0f ? 1.0f / s : 0.0f;
+    for (int i = 0; i < n; i++) q[i] = lut_nearest(ls, x[i] * id);
+    *s_out = s;
+}
+
+/* K-quant sub-block search (asym): choose scale and min minimizing the weighted squared
+ * error over a grid of candidate inverse scales, solving least squares for each. */
+static void kq_search_asym(const float *x, const float *wt, int n, int nmax, float rmin, float rdelta,
+                           int nstep, float *scale_out, float *min_out) {
+    float mn = x[0], mx = x[0], sum_w = 0.0f, sum_x = 0.0f;
+    for (int i = 0; i < n; i++) {
+        mn = x[i] < mn ? x[i] : mn;
+        mx = x[i] > mx ? x[i] : mx;
+        sum_w += wt[i];
+        sum_x += wt[i] * x[i];
+    }
+    if (mn > 0.0f) mn = 0.0f;
+    if (mx == mn) { *scale_out = 0.0f; *min_out = -mn; return; }
+    float iscale = (float)nmax / (mx - mn), scale = 1.0f / iscale, best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = clampi(nearest(iscale * (x[i] - mn)), 0, nmax);
+        float diff = scale * (float)l + mn - x[i];
+        best += wt[i] * diff * diff;
+    }
+    for (int is = 0; is <= nstep; is++) {
+        float isc = (rmin + rdelta * (float)is + (float)nmax) / (mx - mn);
+        float sl = 0, sl2 = 0, sxl = 0;
+        uint8_t L[QN_SUPER];
+        for (int i = 0; i < n; i++) {
+            int l = clampi(nearest(isc * (x[i] - mn)), 0, nmax);
+            L[i] = (uint8_t)l;
+            sl += wt[i] * (float)l;
+            sl2 += wt[i] * (float)l * (float)l;
+            sxl += wt[i] * (float)l * x[i];
+        }
+        float D = sum_w * sl2 - sl * sl;
+        if (D <= 0.0f) continue;
+        float this_scale = (sum_w * sxl - sum_x * sl) / D;
+        float this_min = (sl2 * sum_x - sl * sxl) / D;
+        if (this_min > 0.0f) { this_min = 0.0f; this_scale = sl2 > 0 ? sxl / sl2 : 0.0f; }
+        float mad = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float diff = this_scale * (float)L[i] + this_min - x[i];
+            mad += wt[i] * diff * diff;
+        }
+        if (mad < best) { best = mad; scale = this_scale; mn = this_min; }
+    }
+    *scale_out = scale;
+    *min_out = -mn;
+}
+
+/* K-quant sub-block search (sym): codes in [-nmax, nmax-1], weights x^2. */
+static float kq_search_sym(const float *x, int n, int nmax) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
+    if (amax == 0.0f) return 0.0f;
+    float best_scale = 0.0f, best = -1.0f;
+    for (int is = -9; is <= 9; is++) {
+        float iscale = -((float)nmax + 0.1f * (float)is) / max;
+        float slx = 0.0f, sl2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = clampi(nearest(iscale * x[i]), -nmax, nmax - 1);
+            float w = x[i] * x[i];
+            slx += w * x[i] * (float)l;
+            sl2 += w * (float)l * (float)l;
+        }
+        if (sl2 > 0.0f && (best < 0.0f || slx * slx > best * sl2)) {
+            best_scale = slx / sl2;
+            best = best_scale * slx;
+        }
+    }
+    return best_scale;
+}
+
+/* q4_k / q5_k: one super-block of 256 inputs of one row. */
+static void rule_kq_asym(const float *x, int bits, uint8_t *q, uint8_t *sc, uint8_t *mn, uint16_t *d16,
+                         uint16_t *dmin16) {
+    int nmax = (1 << bits) - 1, nsub = QN_SUPER / 32;
+    float wt[32], scales[8], mins[8], sum2 = 0.0f;
+    for (int i = 0; i < QN_SUPER; i++) sum2 += x[i] * x[i];
+    float av = sqrtf(sum2 / QN_SUPER);
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int j = 0; j < nsub; j++) {
+        for (int i = 0; i < 32; i++) wt[i] = av + fabsf(x[32 * j + i]);
+        if (bits == 4) kq_search_asym(x + 32 * j, wt, 32, nmax, -1.0f, 0.1f, 20, &scales[j], &mins[j]);
+        else kq_search_asym(x + 32 * j, wt, 32, nmax, -0.5f, 0.1f, 15, &scales[j], &mins[j]);
+        max_scale = scales[j] > max_scale ? scales[j] : max_scale;
+        max_min = mins[j] > max_min ? mins[j] : max_min;
+    }
+    float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+    float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+    *d16 = qn_f32_to_f16(max_scale / 63.0f);
+    *dmin16 = qn_f32_to_f16(max_min / 63.0f);
+    float d = qn_f16_to_f32(*d16), dmin = qn_f16_to_f32(*dmin16);
+    for (int j = 0; j < nsub; j++) {
+        sc[j] = (uint8_t)clampi(nearest(inv_scale * scales[j]), 0, 63);
+        mn[j] = (uint8_t)clampi(nearest(inv_min * mins[j]), 0, 63);
+        float dl = d * (float)sc[j], dm = dmin * (float)mn[j];
+        for (int i = 0; i < 32; i++)
+            q[32 * j + i] = dl != 0.0f ? (uint8_t)clampi(nearest((x[32 * j + i] + dm) / dl), 0, nmax) : 0;
+    }
+}
+
+/* q6_k: one super-block of 256 inputs, 16 sub-blocks of 16, int8 sub-scales. */
+static void rule_kq_sym6(const float *x, uint8_t *q, int8_t *sc, uint16_t *d16) {
+    float scales[16], max_scale = 0.0f, amax = 0.0f;
+    for (int j = 0; j < 16; j++) {
+        scales[j] = kq_search_sym(x + 16 * j, 16, 32);
+        if (fabsf(scales[j]) > amax) { amax = fabsf(scales[j]); max_scale = scales[j]; }
+    }
+    if (amax == 0.0f) {
+        *d16 = 0;
+        for (int j = 0; j < 16; j++) sc[j] = 0;
+        for (int i = 0; i < QN_SUPER; i++) q[i] = 32;
+        return;
+    }
+    float iscale = -128.0f / max_scale;
+    *d16 = qn_f32_to_f16(1.0f / iscale);
+    float d = qn_f16_to_f32(*d16);
+    for (int j = 0; j < 16; j++) {
+        sc[j] = (int8_t)clampi(nearest(iscale * scales[j]), -128, 127);
+        float dl = d * (float)sc[j];
+        for (int i = 0; i < 16; i++)
+            q[16 * j + i] = dl != 0.0f ? (uint8_t)(clampi(nearest(x[16 * j + i] / dl), -32, 31) + 32) : 32;
+    }
+}
+
+/* ---- driver ---- */
+
+int64_t qn_quantize_workspace_size(const qn_format *f, int64_t K, int nthreads) {
+    int64_t Kp = qn_fmt_kpad(f, K);
+    /* per thread: 16 rows of codes + one row padded with zeros */
+    return (int64_t)nthreads * (QN_PANEL * Kp + Kp * 4 + 64) + 64;
+}
+
+qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, int64_t ldw,
+                      qn_qweight_out *out, void *workspace, int64_t ws_bytes) {
+    qn_status st = qn_format_check(f);
+    if (st) return st;
+    if ((st = qn_format_check_k(f, K))) return st;
+    if (N <= 0 || ldw < K) return qn_set_error(QN_EINVAL, "quantize: bad shape N=%lld ldw=%lld", (long long)N, (long long)ldw);
+#ifdef _OPENMP
+    int nth = omp_get_max_threads();
+#else
+    int nth = 1;
+#endif
+    if (ws_bytes < qn_quantize_workspace_size(f, K, nth)) return qn_set_error(QN_EINVAL, "quantize: workspace too small");
+    int64_t Kp = qn_fmt_kpad(f, K), ng = qn_fmt_ngroups(f, K), g = qn_fmt_group(f, K);
+    int64_t np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
+    int64_t nsb = Kp / QN_SUPER;
+    lut_sorted ls;
+    if (f->kind == QN_LUT) lut_sort(&ls, f->lut, 1 << f->bits);
+    int rule = f->rule;
+    if (rule == QN_RULE_DEFAULT) {
+        if (f->kind == QN_SYM) rule = f->bits == 8 ? QN_RULE_Q8_0 : QN_RULE_Q4_0;
+        else if (f->kind == QN_ASYM && f->offset == QN_OFF_MIN) rule = QN_RULE_Q4_1;
+    }
+    if (qn_fmt_nested(f)) rule = QN_RULE_KQUANT;
+    char *ws0 = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+    for (int64_t p = 0; p < np; p++) {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num();
+#else
+        int tid = 0;
+#endif
+        uint8_t *rows = (uint8_t *)(ws0 + (int64_t)tid * (QN_PANEL * Kp + Kp * 4 + 64));
+        float *xr = (float *)(rows + QN_PANEL * Kp);
+        memset(rows, 0, (size_t)(QN_PANEL * Kp));
+        for (int n = 0; n < QN_PANEL; n++) {
+            int64_t row = p * QN_PANEL + n;
+            if (row >= N) {
+                /* padding rows: codes 0 and zero scales, so they contribute nothing */
+                for (int64_t gi = 0; gi < ng; gi++) {
+                    int64_t si = (p * ng + gi) * QN_PANEL + n;
+                    if (qn_fmt_nested(f)) {
+                        ((uint8_t *)out->scales)[si] = 0;
+                        if (out->offsets) ((uint8_t *)out->offsets)[si] = 0;
+                    } else {
+                        store_scale(out->scales, f->scale, si, 0.0f);
+                        if (f->offset == QN_OFF_ZERO) ((uint8_t *)out->offsets)[si] = 0;
+                        else if (f->offset == QN_OFF_MIN) store_scale(out->offsets, f->scale, si, 0.0f);
+                    }
+                }
+                for (int64_t s = 0; s < nsb && qn_fmt_nested(f); s++) {
+                    out->supers[(p * nsb + s) * QN_PANEL + n] = 0;
+                    if (out->super_mins) out->super_mins[(p * nsb + s) * QN_PANEL + n] = 0;
+                }
+                continue;
+            }
+            memcpy(xr, w + row * ldw, (size_t)K * sizeof(float));
+            for (int64_t k = K; k < Kp; k++) xr[k] = 0.0f;
+            uint8_t *qr = rows + n * Kp;
+            if (rule == QN_RULE_KQUANT) {
+                for (int64_t s = 0; s < nsb; s++) {
+                    int64_t sbi = (p * nsb + s) * QN_PANEL + n;
+                    int64_t gpb = QN_SUPER / g; /* groups per super-block */
+                    uint8_t scb[16], mnb[16];
+                    if (f->scale == QN_SCALE_NESTED_U6) {
+                        rule_kq_asym(xr + s * QN_SUPER, f->bits, qr + s * QN_SUPER, scb, mnb, &out->supers[sbi],
+                                     &out->super_mins[sbi]);
+                        for (int64_t j = 0; j < gpb; j++) {
+                            int64_t si = (p * ng + s * gpb + j) * QN_PANEL + n;
+                            ((uint8_t *)out->scales)[si] = scb[j];
+                            ((uint8_t *)out->offsets)[si] = mnb[j];
+                        }
+                    } else {
+                        rule_kq_sym6(xr + s * QN_SUPER, qr + s * QN_SUPER, (int8_t *)scb, &out->supers[sbi]);
+                        for (int64_t j = 0; j < gpb; j++)
+                            ((int8_t *)out->scales)[(p * ng + s * gpb + j) * QN_PANEL + n] = ((int8_t *)scb)[j];
+                    }
+                }
+                continue;
+            }
+            for (int64_t gi = 0; gi < ng; gi++) {
+                int64_t k0 = gi * g, kn = qn_min64(g, Kp - k0);
+                int64_t si = (p * ng + gi) * QN_PANEL + n;
+                const float *xg = xr + k0;
+                uint8_t *qg = qr + k0;
+                float d = 0.0f, m = 0.0f;
+                int z = 0;
+                switch (f->kind) {
+                case QN_SYM:
+                    if (rule == QN_RULE_Q8_0) rule_q8_0(xg, (int)kn, f->bits, qg, &d);
+                    else rule_q4_0(xg, (int)kn, f->bits, qg, &d);
+                    store_scale(out->scales, f->scale, si, d);
+                    break;
+                case QN_ASYM:
+                    if (f->offset == QN_OFF_MIN) {
+                        rule_q4_1(xg, (int)kn, f->bits, qg, &d, &m);
+                        store_scale(out->scales, f->scale, si, d);
+                        store_scale(out->offsets, f->scale, si, m);
+                    } else {
+                        rule_zero(xg, (int)kn, f->bits, f->scale, qg, &d, &z);
+                        store_scale(out->scales, f->scale, si, d);
+                        ((uint8_t *)out->offsets)[si] = (uint8_t)z;
+                    }
+                    break;
+                default:
+                    rule_lut(xg, (int)kn, &ls, f->scale, qg, &d);
+                    store_scale(out->scales, f->scale, si, d);
+                    break;
+                }
+            }
+        }
+        /* padding inputs beyond K hold code 0 */
+        for (int n = 0; n < QN_PANEL; n++)
+            for (int64_t k = K; k < Kp; k++) rows[n * Kp + k] = 0;
+        pack_panel(out->codes + p * pbytes, rows, Kp, QN_PANEL, f->bits, Kp);
+    }
+    return QN_OK;
+}
+
+int64_t qn_dequantize_workspace_size(const qn_format *f, int64_t K, int nthreads) {
+    return (int64_t)nthreads * 3 * qn_round_up(qn_fmt_ngroups(f, K) * QN_PANEL * 4, 64) + 64;
+}
+
+qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo, void *workspace, int64_t ws_bytes) {
+    const qn_format *f = w->fmt;
+    qn_status st = qn_format_check(f);
+    if (st) return st;
+    if ((st = qn_format_check_k(f, w->K))) return st;
+    if (w->N <= 0 || ldo < w->K) return qn_set_error(QN_EINVAL, "dequantize: bad shape");
+#ifdef _OPENMP
+    int nth = omp_get_max_threads();
+#else
+    int nth = 1;
+#endif
+    if (ws_bytes < qn_dequantize_workspace_size(f, w->K, nth))
+        return qn_set_error(QN_EINVAL, "dequantize: workspace too small");
+    int64_t Kp = qn_fmt_kpad(f, w->K), ng = qn_fmt_ngroups(f, w->K), g = qn_fmt_group(f, w->K);
+    int64_t np = qn_npanels(w->N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
+    int64_t arr = qn_round_up(ng * QN_PANEL * 4, 64);
+    char *ws0 = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int64_t p = 0; p < np; p++) {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num();
+#else
+        int tid = 0;
+#endif
+        char *scr = ws0 + (int64_t)tid * 3 * arr;
+        float *ws = (float *)scr, *wo = (float *)(scr + 2 * arr);
+        int32_t *wz = (int32_t *)(scr + arr);
+        qn_decode_panel_scales(w, p, ws, wz, wo);
+        const uint8_t *pc = w->codes + p * pbytes;
+        for (int n = 0; n < QN_PANEL; n++) {
+            int64_t row = p * QN_PANEL + n;
+            if (row >= w->N) break;
+            float *o = out + row * ldo;
+            for (int64_t k = 0; k < w->K; k++) {
+                int64_t i = (k / g) * QN_PANEL + n;
+                int q = qn_code_at(pc, f->bits, n, k);
+                float v;
+                if (f->kind == QN_LUT) v = ws[i] * f->lut[q];
+                else if (f->kind == QN_ASYM && f->offset == QN_OFF_MIN) v = ws[i] * (float)q + wo[i];
+                else v = ws[i] * (float)(q - wz[i]);
+                o[k] = v;
+            }
+        }
+    }
+    return QN_OK;
+}

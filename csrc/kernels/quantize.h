@@ -1,0 +1,40 @@
+/* quantize.h — float weights to the panel layout and back, and code packing. */
+#ifndef QN_QUANTIZE_H
+#define QN_QUANTIZE_H
+
+#include "../qn_formats.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Output arrays of a quantization, sized per qn_formats.h; NULL where the format has none. */
+typedef struct qn_qweight_out {
+    uint8_t *codes;
+    void *scales;
+    void *offsets;
+    uint16_t *supers;
+    uint16_t *super_mins;
+} qn_qweight_out;
+
+/* Bytes of workspace qn_quantize needs with nthreads threads. */
+int64_t qn_quantize_workspace_size(const qn_format *f, int64_t K, int nthreads);
+
+/* Quantize w[N, K] (float32, row stride ldw) into out, in parallel over panels. */
+qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, int64_t ldw,
+                      qn_qweight_out *out, void *workspace, int64_t ws_bytes);
+
+/* codes[N, K] row-major uint8 (values < 2^bits, row stride ld) <-> the panel code layout
+ * (out zero-filled to [n_panels][Kp/32][chunk bytes] first). */
+qn_status qn_pack_codes(uint8_t *out, const uint8_t *codes, int bits, int64_t N, int64_t K, int64_t ld);
+qn_status qn_unpack_codes(uint8_t *codes, const uint8_t *packed, int bits, int64_t N, int64_t K, int64_t ld);
+
+/* out[N, K] (row stride ldo) = the float32 values of w: s*(q - z), s*q + m or s*lut[q],
+ * each one rounding of float32 math, as GGUF's dequantizers compute them. */
+int64_t qn_dequantize_workspace_size(const qn_format *f, int64_t K, int nthreads);
+qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo, void *workspace, int64_t ws_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

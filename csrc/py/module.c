@@ -1,0 +1,94 @@
+/* module.c — the quanta._C extension module: method table, info, threads, ISA switch. */
+#define QN_PY_MODULE_C
+#include "args.h"
+
+#include "../cpu_features.h"
+#include "../dispatch.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+int qn_py_nthreads = 1;
+
+static PyObject *py_info(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    const qn_cpu_features *f = qn_cpu_probe();
+    return Py_BuildValue(
+        "{s:s,s:s,s:i,s:O,s:{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}}",
+        "isa", qn_isa_name(qn_kernels.isa), "hw_isa", qn_isa_name(qn_cpu_hw_isa()), "num_threads", qn_py_nthreads,
+#ifdef _OPENMP
+        "openmp", Py_True,
+#else
+        "openmp", Py_False,
+#endif
+        "features", "avx2", f->avx2, "fma", f->fma, "f16c", f->f16c, "avx512f", f->avx512f, "avx512bw", f->avx512bw,
+        "avx512vl", f->avx512vl, "avx512dq", f->avx512dq, "avx512vnni", f->avx512vnni, "avx512bf16", f->avx512bf16);
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 1024) return PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in 1..1024, got %ld", n);
+    qn_py_nthreads = (int)n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromLong(qn_py_nthreads);
+}
+
+/* Test-only: choose the kernel path ("ref", "avx2", "avx512"); returns the path chosen. */
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int isa;
+    if (!strcmp(name, "ref")) isa = QN_ISA_REF;
+    else if (!strcmp(name, "avx2")) isa = QN_ISA_AVX2;
+    else if (!strcmp(name, "avx512") || !strcmp(name, "best")) isa = QN_ISA_AVX512;
+    else return PyErr_Format(PyExc_ValueError, "_set_isa: unknown path '%s' (ref, avx2, avx512, best)", name);
+    return PyUnicode_FromString(qn_isa_name(qn_dispatch_set_isa(isa)));
+}
+
+static PyMethodDef methods[] = {
+    {"info", py_info, METH_NOARGS, "info() -> dict: kernel path, CPU features, threads."},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by every kernel."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int."},
+    {"_set_isa", py_set_isa, METH_O, "_set_isa(name) -> str: test-only kernel path switch."},
+    {"make_format", (PyCFunction)(void (*)(void))qn_py_make_format, METH_FASTCALL,
+     "make_format(bits, group, kind, offset, scale, rule, lut_kind, lut) -> bytes"},
+    {"quantize", (PyCFunction)(void (*)(void))qn_py_quantize, METH_FASTCALL,
+     "quantize(w, fmt, codes, scales, offsets, supers, super_mins)"},
+    {"dequantize", (PyCFunction)(void (*)(void))qn_py_dequantize, METH_FASTCALL,
+     "dequantize(fmt, N, K, codes, scales, offsets, supers, super_mins) -> float32[N, K]"},
+    {"pack_codes", (PyCFunction)(void (*)(void))qn_py_pack_codes, METH_FASTCALL,
+     "pack_codes(codes[N, K] uint8, bits) -> panel codes"},
+    {"unpack_codes", (PyCFunction)(void (*)(void))qn_py_unpack_codes, METH_FASTCALL,
+     "unpack_codes(panel_codes, bits, N, K) -> uint8[N, K]"},
+    {"qmatmul", (PyCFunction)(void (*)(void))qn_py_qmatmul, METH_FASTCALL,
+     "qmatmul(x, xdtype, fmt, N, K, codes, scales, offsets, supers, super_mins, out) -> out"},
+    {"matmul", (PyCFunction)(void (*)(void))qn_py_matmul, METH_FASTCALL,
+     "matmul(x, xdtype, w, wdtype, out) -> out"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_C", "quanta's C kernels.", -1, methods,
+                                       NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    qn_dispatch_init();
+#ifdef _OPENMP
+    qn_py_nthreads = omp_get_max_threads(); /* honours OMP_NUM_THREADS */
+#endif
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "PANEL", QN_PANEL);
+    PyModule_AddIntConstant(m, "CHUNK", QN_CHUNK);
+    PyModule_AddIntConstant(m, "SUPER", QN_SUPER);
+    PyModule_AddIntConstant(m, "FORMAT_BYTES", (long)sizeof(qn_format));
+    return m;
+}
