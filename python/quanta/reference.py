@@ -1,0 +1,123 @@
+"""quanta.reference — float64 NumPy twins of the kernels: the test oracle.
+
+Written for clarity, independent of the C code: the panel layout is decoded here from its
+definition (csrc/qn_formats.h), not through the C unpacker.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import CHUNK, PANEL, SUPER, QuantizedTensor
+
+_PLANE_BYTES = {"nib": 256, "crumb": 128, "bit": 64}
+_PLANES = {8: ("byte",), 6: ("nib", "crumb"), 5: ("nib", "bit"), 4: ("nib",), 3: ("crumb", "bit"), 2: ("crumb",)}
+
+
+def unpack_codes(w: QuantizedTensor) -> np.ndarray:
+    """uint8 codes[N, K] decoded from the panel layout."""
+    N, K = w.shape
+    bits = w.format.bits
+    npan, pbytes = w.codes.shape
+    nch = pbytes // (64 * bits)
+    c = w.codes.reshape(npan, nch, 64 * bits)
+    quads = np.zeros((npan, nch, 8, PANEL, 4), np.uint8)  # [panel, chunk, quad, row, j]
+    off, shift = 0, 0
+    for plane in _PLANES[bits]:
+        if plane == "byte":
+            quads = c.reshape(npan, nch, 8, PANEL, 4).copy()
+            break
+        nbytes = _PLANE_BYTES[plane]
+        p = c[:, :, off:off + nbytes]
+        if plane == "nib":
+            v = p.reshape(npan, nch, 4, PANEL, 4)
+            part = np.stack([v & 15, v >> 4], axis=3).reshape(npan, nch, 8, PANEL, 4)  # quad 2v, 2v+1
+            width = 4
+        elif plane == "crumb":
+            v = p.reshape(npan, nch, 2, PANEL, 4)
+            part = np.stack([(v >> (2 * i)) & 3 for i in range(4)], axis=3).reshape(npan, nch, 8, PANEL, 4)
+            width = 2
+        else:
+            v = p.reshape(npan, nch, PANEL, 4)
+            part = np.stack([(v >> i) & 1 for i in range(8)], axis=2)
+            width = 1
+        quads |= (part << shift).astype(np.uint8)
+        shift += width
+        off += nbytes
+    codes = quads.transpose(0, 3, 1, 2, 4).reshape(npan * PANEL, nch * CHUNK)
+    return codes[:N, :K]
+
+
+def _per_row(a: np.ndarray, N: int) -> np.ndarray:
+    npan, G, _ = a.shape
+    return a.transpose(0, 2, 1).reshape(npan * PANEL, G)[:N]
+
+
+def dequantize(w: QuantizedTensor) -> np.ndarray:
+    """float64 W[N, K] from codes and scales, by the formulas of quanta.formats."""
+    f = w.format
+    N, K = w.shape
+    q = unpack_codes(w).astype(np.float64)
+    g = f.group or -(-K // CHUNK) * CHUNK
+
+    def expand(a):  # [N, G] -> [N, K]
+        return np.repeat(a, g, axis=1)[:, :K]
+
+    if f.scale == "bf16":
+        s = (_per_row(w.scales, N).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        s = _per_row(w.scales, N).astype(np.float64)
+    if f.nested:
+        d = np.repeat(_per_row(w.supers, N).astype(np.float64), SUPER // g, axis=1)
+        s = d * s
+    if f.kind == "lut":
+        return expand(s) * np.asarray(f.lut, np.float64)[q.astype(np.int64)]
+    if f.kind == "sym":
+        return expand(s) * (q - 2 ** (f.bits - 1))
+    if f.offset == "zero":
+        return expand(s) * (q - expand(_per_row(w.offsets, N).astype(np.float64)))
+    if f.nested:
+        dmin = np.repeat(_per_row(w.super_mins, N).astype(np.float64), SUPER // g, axis=1)
+        m = -dmin * _per_row(w.offsets, N).astype(np.float64)
+    elif f.scale == "bf16":
+        m = (_per_row(w.offsets, N).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        m = _per_row(w.offsets, N).astype(np.float64)
+    return expand(s) * q + expand(m)
+
+
+def act_block(w: QuantizedTensor) -> int:
+    """Inputs per int8 activation block for w's format: min(group, 256)."""
+    K = w.shape[1]
+    g = w.format.group or -(-K // CHUNK) * CHUNK
+    return min(g, SUPER)
+
+
+def quantize_act(x: np.ndarray, fb: int) -> np.ndarray:
+    """x[M, K] -> float64 x_hat: int8 per block of fb inputs (absmax / 127, round half to
+    even), with the kernels' float32 operations, returned dequantized."""
+    x = np.asarray(x, np.float32)
+    M, K = x.shape
+    out = np.zeros((M, K), np.float64)
+    for k0 in range(0, K, fb):
+        blk = x[:, k0:k0 + fb]
+        amax = np.abs(blk).max(axis=1, keepdims=True)
+        d = (amax / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        q = np.clip(np.rint((blk * inv).astype(np.float32)), -127, 127)
+        out[:, k0:k0 + fb] = q.astype(np.float64) * d.astype(np.float64)
+    return out
+
+
+def qmatmul(x: np.ndarray, w: QuantizedTensor, act_quant: bool = False) -> np.ndarray:
+    """float64 y[M, N] = x[M, K] @ W[N, K]^T; act_quant models the int8 activations of the
+    integer-format kernels."""
+    xf = np.asarray(x).astype(np.float64)
+    if act_quant:
+        xf = quantize_act(np.asarray(x).astype(np.float32), act_block(w))
+    return xf @ dequantize(w).T
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """float64 y[M, N] = x[M, K] @ w[N, K]^T."""
+    return np.asarray(x).astype(np.float64) @ np.asarray(w).astype(np.float64).T
