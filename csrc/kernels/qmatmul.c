@@ -79,6 +79,63 @@ void qn_quantize_act_row_ref(int8_t *xq, float *xd, float *xsum, int32_t *xisum,
     }
 }
 
+/* ---- scales ---- */
+
+static inline float load_scale(const void *s, int scale, int64_t i) {
+    switch (scale) {
+    case QN_SCALE_F16: return qn_f16_to_f32(((const uint16_t *)s)[i]);
+    case QN_SCALE_BF16: return qn_bf16_to_f32(((const uint16_t *)s)[i]);
+    default: return ((const float *)s)[i];
+    }
+}
+
+void qn_qtile_group_scale(const qn_qtile *t, int64_t p, int64_t gi, int n, float *s, int32_t *z, float *o) {
+    int64_t i = (p * t->n_groups + gi) * QN_PANEL + n;
+    *z = 0;
+    *o = 0.0f;
+    if (t->scale == QN_SCALE_NESTED_U6 || t->scale == QN_SCALE_NESTED_I8) {
+        int64_t si = (p * t->n_super + (gi * t->group) / QN_SUPER) * QN_PANEL + n;
+        float d = qn_f16_to_f32(t->supers[si]);
+        if (t->scale == QN_SCALE_NESTED_U6) {
+            *s = d * (float)((const uint8_t *)t->scales)[i];
+            *o = -(qn_f16_to_f32(t->super_mins[si]) * (float)((const uint8_t *)t->offsets)[i]);
+        } else {
+            *s = d * (float)((const int8_t *)t->scales)[i];
+            *z = 1 << (t->bits - 1);
+        }
+        return;
+    }
+    *s = load_scale(t->scales, t->scale, i);
+    if (t->kind == QN_SYM) *z = 1 << (t->bits - 1);
+    else if (t->offset == QN_OFF_ZERO) *z = ((const uint8_t *)t->offsets)[i];
+    else if (t->offset == QN_OFF_MIN) *o = load_scale(t->offsets, t->scale, i);
+}
+
+void qn_qtile_for_panels(qn_qtile *t, const qn_qweight *w, int64_t p0, int64_t np) {
+    const qn_format *f = w->fmt;
+    int64_t Kp = qn_fmt_kpad(f, w->K), ng = qn_fmt_ngroups(f, w->K), nsup = Kp / QN_SUPER;
+    int sb = qn_fmt_nested(f) ? 1 : qn_scale_bytes(f->scale), ob = qn_offset_bytes(f);
+    memset(t, 0, sizeof *t);
+    t->panel_bytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
+    t->codes = w->codes + p0 * t->panel_bytes;
+    t->scales = (const char *)w->scales + p0 * ng * QN_PANEL * sb;
+    t->offsets = w->offsets ? (const char *)w->offsets + p0 * ng * QN_PANEL * ob : NULL;
+    t->supers = w->supers ? w->supers + p0 * nsup * QN_PANEL : NULL;
+    t->super_mins = w->super_mins ? w->super_mins + p0 * nsup * QN_PANEL : NULL;
+    t->n_groups = ng;
+    t->group = qn_fmt_group(f, w->K);
+    t->n_super = nsup;
+    t->kind = f->kind;
+    t->offset = f->offset;
+    t->scale = f->scale;
+    t->lut = f->lut;
+    t->lut_kind = f->lut_kind;
+    t->bits = f->bits;
+    t->np = (int)np;
+    t->Kp = Kp;
+    t->ncols = qn_min64(np * QN_PANEL, w->N - p0 * QN_PANEL);
+}
+
 /* ---- reference tile kernels ---- */
 
 void qn_qtile_int_ref(const qn_qtile *t) {
@@ -92,13 +149,15 @@ void qn_qtile_int_ref(const qn_qtile *t) {
                 if (col >= t->ncols) break;
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
-                    int64_t k0 = b * t->fb, k1 = qn_min64(k0 + t->fb, t->Kp);
-                    int64_t gi = (p * t->n_groups + k0 / t->group) * QN_PANEL + n;
+                    int64_t k0 = b * t->fb, k1 = qn_min64(k0 + t->fb, t->Kp), xb = m * t->ldxb + b;
+                    float s, o;
+                    int32_t z;
+                    qn_qtile_group_scale(t, p, k0 / t->group, n, &s, &z, &o);
                     int32_t dot = 0;
                     for (int64_t k = k0; k < k1; k++) dot += qn_code_at(pc, t->bits, n, k) * xq[k];
-                    if (t->wz) dot -= t->wz[gi] * t->xisum[m * t->ldxb + b];
-                    acc = fmaf((float)dot, t->ws[gi] * t->xd[m * t->ldxb + b], acc);
-                    if (t->wo) acc = fmaf(t->wo[gi], t->xsum[m * t->ldxb + b], acc);
+                    dot -= z * t->xisum[xb];
+                    acc = fmaf((float)dot, s * t->xd[xb], acc);
+                    if (t->offset == QN_OFF_MIN) acc = fmaf(o, t->xsum[xb], acc);
                 }
                 t->y[m * t->ldy + col] = acc;
             }
@@ -117,55 +176,15 @@ void qn_qtile_lut_ref(const qn_qtile *t) {
                 float acc = 0.0f;
                 for (int64_t g = 0; g < t->n_groups; g++) {
                     int64_t k0 = g * t->group, k1 = qn_min64(k0 + t->group, t->Kp);
+                    float s, o;
+                    int32_t z;
+                    qn_qtile_group_scale(t, p, g, n, &s, &z, &o);
                     float gacc = 0.0f;
                     for (int64_t k = k0; k < k1; k++)
                         gacc = fmaf(t->lut[qn_code_at(pc, t->bits, n, k)], xf[k], gacc);
-                    acc = fmaf(gacc, t->ws[(p * t->n_groups + g) * QN_PANEL + n], acc);
+                    acc = fmaf(gacc, s, acc);
                 }
                 t->y[m * t->ldy + col] = acc;
-            }
-        }
-    }
-}
-
-/* ---- scale decoding ---- */
-
-static inline float load_scale(const void *s, int scale, int64_t i) {
-    switch (scale) {
-    case QN_SCALE_F16: return qn_f16_to_f32(((const uint16_t *)s)[i]);
-    case QN_SCALE_BF16: return qn_bf16_to_f32(((const uint16_t *)s)[i]);
-    default: return ((const float *)s)[i];
-    }
-}
-
-void qn_decode_panel_scales(const qn_qweight *w, int64_t p, float *ws, int32_t *wz, float *wo) {
-    const qn_format *f = w->fmt;
-    int64_t ng = qn_fmt_ngroups(f, w->K), group = qn_fmt_group(f, w->K);
-    int64_t base = p * ng * QN_PANEL, nsb = qn_fmt_kpad(f, w->K) / QN_SUPER;
-    int32_t zsym = 1 << (f->bits - 1);
-    for (int64_t g = 0; g < ng; g++) {
-        for (int n = 0; n < QN_PANEL; n++) {
-            int64_t i = g * QN_PANEL + n, si = base + i;
-            if (f->scale == QN_SCALE_NESTED_U6 || f->scale == QN_SCALE_NESTED_I8) {
-                int64_t sb = (p * nsb + (g * group) / QN_SUPER) * QN_PANEL + n;
-                float d = qn_f16_to_f32(w->supers[sb]);
-                if (f->scale == QN_SCALE_NESTED_U6) {
-                    ws[i] = d * (float)((const uint8_t *)w->scales)[si];
-                    float dmin = qn_f16_to_f32(w->super_mins[sb]);
-                    if (wo) wo[i] = -(dmin * (float)((const uint8_t *)w->offsets)[si]);
-                } else {
-                    ws[i] = d * (float)((const int8_t *)w->scales)[si];
-                    if (wz) wz[i] = zsym;
-                }
-                continue;
-            }
-            ws[i] = load_scale(w->scales, f->scale, si);
-            if (f->kind == QN_SYM) {
-                if (wz) wz[i] = zsym;
-            } else if (f->offset == QN_OFF_ZERO) {
-                if (wz) wz[i] = ((const uint8_t *)w->offsets)[si];
-            } else if (f->offset == QN_OFF_MIN) {
-                if (wo) wo[i] = load_scale(w->offsets, f->scale, si);
             }
         }
     }
@@ -174,9 +193,9 @@ void qn_decode_panel_scales(const qn_qweight *w, int64_t p, float *ws, int32_t *
 /* ---- driver ---- */
 
 typedef struct qm_plan {
-    int64_t Kp, ng, group, fb, nb, np_total;
-    int64_t xq_bytes, xb_bytes, xf_bytes, scratch_bytes;
-    int lut, need_xf_copy;
+    int64_t Kp, group, fb, nb, np_total;
+    int64_t xq_bytes, xb_bytes, xf_bytes;
+    int lut;
 } qm_plan;
 
 static inline int64_t align64(int64_t x) { return qn_round_up(x, 64); }
@@ -185,7 +204,6 @@ static qm_plan make_plan(const qn_qweight *w, int64_t M) {
     qm_plan pl;
     const qn_format *f = w->fmt;
     pl.Kp = qn_fmt_kpad(f, w->K);
-    pl.ng = qn_fmt_ngroups(f, w->K);
     pl.group = qn_fmt_group(f, w->K);
     pl.fb = qn_min64(pl.group, QN_SUPER);
     pl.nb = qn_ceil_div(pl.Kp, pl.fb);
@@ -194,14 +212,13 @@ static qm_plan make_plan(const qn_qweight *w, int64_t M) {
     pl.xq_bytes = pl.lut ? 0 : align64(M * pl.Kp);
     pl.xb_bytes = pl.lut ? 0 : align64(M * pl.nb * 4);
     pl.xf_bytes = pl.lut ? align64(M * pl.Kp * 4) : 0;
-    /* ws, wz, wo for QN_NP_BLOCK panels */
-    pl.scratch_bytes = 3 * align64(QN_NP_BLOCK * pl.ng * QN_PANEL * 4);
     return pl;
 }
 
 int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads) {
+    (void)nthreads;
     qm_plan pl = make_plan(w, M);
-    return pl.xq_bytes + 3 * pl.xb_bytes + pl.xf_bytes + (int64_t)nthreads * pl.scratch_bytes + 64;
+    return pl.xq_bytes + 3 * pl.xb_bytes + pl.xf_bytes + 64;
 }
 
 static int max_threads(void) {
@@ -228,7 +245,6 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
     qm_plan pl = make_plan(w, M);
     if (ws_bytes < qn_qmatmul_workspace_size(w, M, nth))
         return qn_set_error(QN_EINVAL, "qmatmul: workspace too small");
-    const qn_format *f = w->fmt;
     int xsize = xdtype == QN_X_F32 ? 4 : 2;
     char *wsp = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
     int8_t *xq = (int8_t *)wsp;
@@ -236,23 +252,14 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
     float *xsum = (float *)(wsp + pl.xq_bytes + pl.xb_bytes);
     int32_t *xisum = (int32_t *)(wsp + pl.xq_bytes + 2 * pl.xb_bytes);
     float *xf = (float *)(wsp + pl.xq_bytes + 3 * pl.xb_bytes);
-    char *scratch0 = wsp + pl.xq_bytes + 3 * pl.xb_bytes + pl.xf_bytes;
     int64_t n_pb = qn_ceil_div(pl.np_total, QN_NP_BLOCK);
     int64_t n_mt = qn_ceil_div(M, QN_MTILE);
     int64_t n_tiles = n_pb * n_mt;
-    int64_t panel_bytes = (pl.Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
     qn_dispatch kd = qn_kernels;
     qn_qtile_fn kern = pl.lut ? kd.qtile_lut : kd.qtile_int;
-    int need_wz = f->kind == QN_SYM || f->offset == QN_OFF_ZERO;
-    int need_wo = f->kind == QN_ASYM && f->offset == QN_OFF_MIN;
 
 #pragma omp parallel num_threads(nth)
     {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {
             const char *xr = (const char *)x + m * ldx * xsize;
@@ -264,31 +271,13 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
                              xdtype, w->K, pl.Kp, pl.fb);
             }
         }
-        char *scr = scratch0 + (int64_t)tid * pl.scratch_bytes;
-        float *ws = (float *)scr;
-        int32_t *wz = (int32_t *)(scr + pl.scratch_bytes / 3);
-        float *wo = (float *)(scr + 2 * (pl.scratch_bytes / 3));
-        int64_t decoded = -1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tiles; t++) {
             int64_t pb = t / n_mt, mt = t % n_mt;
             int64_t p0 = pb * QN_NP_BLOCK, np = qn_min64(QN_NP_BLOCK, pl.np_total - p0);
-            if (decoded != pb) {
-                for (int64_t p = 0; p < np; p++)
-                    qn_decode_panel_scales(w, p0 + p, ws + p * pl.ng * QN_PANEL,
-                                           wz + p * pl.ng * QN_PANEL, wo + p * pl.ng * QN_PANEL);
-                decoded = pb;
-            }
             int64_t m0 = mt * QN_MTILE, mr = qn_min64(QN_MTILE, M - m0);
             qn_qtile tile;
-            memset(&tile, 0, sizeof tile);
-            tile.codes = w->codes + p0 * panel_bytes;
-            tile.panel_bytes = panel_bytes;
-            tile.ws = ws;
-            tile.wz = need_wz ? wz : NULL;
-            tile.wo = need_wo ? wo : NULL;
-            tile.n_groups = pl.ng;
-            tile.group = pl.group;
+            qn_qtile_for_panels(&tile, w, p0, np);
             tile.xq = xq + m0 * pl.Kp;
             tile.ldxq = pl.Kp;
             tile.xd = xd + m0 * pl.nb;
@@ -298,15 +287,9 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
             tile.fb = pl.fb;
             tile.xf = xf + m0 * pl.Kp;
             tile.ldxf = pl.Kp;
-            tile.lut = f->lut;
-            tile.lut_kind = f->lut_kind;
-            tile.bits = f->bits;
-            tile.np = (int)np;
             tile.mr = (int)mr;
-            tile.Kp = pl.Kp;
             tile.y = y + m0 * ldy + p0 * QN_PANEL;
             tile.ldy = ldy;
-            tile.ncols = qn_min64((int64_t)np * QN_PANEL, w->N - p0 * QN_PANEL);
             kern(&tile);
         }
     }

@@ -19,14 +19,16 @@ extern "C" {
 
 enum qn_xdtype { QN_X_F32 = 0, QN_X_F16 = 1, QN_X_BF16 = 2 };
 
-/* One tile of work for an inner kernel: np panels (16 rows of W each) x mr rows of x. */
+/* One tile of work for an inner kernel: np panels (16 rows of W each) x mr rows of x.
+ * Scales are read in their stored form (see qn_formats.h) at the end of each block. */
 typedef struct qn_qtile {
     const uint8_t *codes;  /* first panel's codes; panels are panel_bytes apart */
     int64_t panel_bytes;
-    const float *ws;       /* [np][n_groups][16] decoded scales */
-    const int32_t *wz;     /* [np][n_groups][16] zero points (int path), or NULL */
-    const float *wo;       /* [np][n_groups][16] additive mins (int path), or NULL */
-    int64_t n_groups, group;   /* group: inputs per group (Kp for per-row formats) */
+    const void *scales;    /* first panel's [n_groups][16] scales */
+    const void *offsets;   /* first panel's [n_groups][16] mins / zero points, or NULL */
+    const uint16_t *supers, *super_mins; /* first panel's [n_super][16] fp16, or NULL */
+    int64_t n_groups, group, n_super; /* group: inputs per group (Kp for per-row formats) */
+    int kind, offset, scale; /* enum qn_kind, qn_offset, qn_scale */
     /* int path: quantized activations */
     const int8_t *xq;      /* [mr][ldxq] */
     int64_t ldxq;
@@ -44,6 +46,11 @@ typedef struct qn_qtile {
     float *y;              /* [mr][ldy]: columns n0 .. n0 + ncols of the output */
     int64_t ldy, ncols;
 } qn_qtile;
+
+/* The decoded scale s, integer zero point z and additive min o of row n of panel p
+ * (relative to the tile's first panel), group gi: w = s * (q - z) + o. Scalar definition
+ * that every ISA's vector loads reproduce. */
+void qn_qtile_group_scale(const qn_qtile *t, int64_t p, int64_t gi, int n, float *s, int32_t *z, float *o);
 
 typedef void (*qn_qtile_fn)(const qn_qtile *t);
 
@@ -66,9 +73,8 @@ void qn_quantize_act_row_avx512(int8_t *xq, float *xd, float *xsum, int32_t *xis
 /* Decode one code (row n of a panel, input k) from a panel's code bytes; for tests and refs. */
 int qn_code_at(const uint8_t *panel_codes, int bits, int64_t n, int64_t k);
 
-/* Decode panel p's scales into ws/wz/wo [n_groups][16] floats/ints: s, zero point (sym and
- * zero-point formats), additive min (min formats). Pointers for absent parts may be NULL. */
-void qn_decode_panel_scales(const qn_qweight *w, int64_t p, float *ws, int32_t *wz, float *wo);
+/* A tile over panels p0 .. p0 + np of w, without activations (for dequantize). */
+void qn_qtile_for_panels(qn_qtile *t, const qn_qweight *w, int64_t p0, int64_t np);
 
 /* Bytes of workspace qn_qmatmul needs for M rows with nthreads threads. */
 int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads);

@@ -47,6 +47,46 @@ QN_INLINE void store_cols(float *y, int64_t ncols, int64_t c0, __m256 v) {
     for (int64_t i = 0; i < n; i++) y[c0 + i] = tmp[i];
 }
 
+/* ---- scales of one group for 8 rows (half h of a panel): twin of qn_qtile_group_scale ---- */
+
+QN_INLINE __m256 scale8(const void *base, int scale, int64_t i) {
+    if (scale == QN_SCALE_F32) return _mm256_loadu_ps((const float *)base + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (scale == QN_SCALE_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+QN_INLINE __m128i load8_u8(const void *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm_cvtsi64_si128(v);
+}
+
+QN_INLINE void group_scales8(const qn_qtile *t, int64_t p, int64_t gi, int h, __m256 *ws, __m256i *wz, __m256 *wo) {
+    int64_t i = (p * t->n_groups + gi) * 16 + 8 * h;
+    *wz = _mm256_setzero_si256();
+    *wo = _mm256_setzero_ps();
+    if (t->scale == QN_SCALE_NESTED_U6 || t->scale == QN_SCALE_NESTED_I8) {
+        int64_t si = (p * t->n_super + (gi * t->group) / QN_SUPER) * 16 + 8 * h;
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t->supers + si)));
+        __m128i sc = load8_u8((const uint8_t *)t->scales + i);
+        if (t->scale == QN_SCALE_NESTED_U6) {
+            *ws = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+            __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t->super_mins + si)));
+            __m256 prod = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(load8_u8((const uint8_t *)t->offsets + i))));
+            *wo = _mm256_xor_ps(prod, _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)));
+        } else {
+            *ws = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+            *wz = _mm256_set1_epi32(1 << (t->bits - 1));
+        }
+        return;
+    }
+    *ws = scale8(t->scales, t->scale, i);
+    if (t->kind == QN_SYM) *wz = _mm256_set1_epi32(1 << (t->bits - 1));
+    else if (t->offset == QN_OFF_ZERO) *wz = _mm256_cvtepu8_epi32(load8_u8((const uint8_t *)t->offsets + i));
+    else if (t->offset == QN_OFF_MIN) *wo = scale8(t->offsets, t->scale, i);
+}
+
 /* ---- int path: MR rows x one panel (two halves) ---- */
 
 QN_INLINE void int_tile2(const qn_qtile *t, int m0, int p0, const int bits, const int MR) {
@@ -56,6 +96,7 @@ QN_INLINE void int_tile2(const qn_qtile *t, int m0, int p0, const int bits, cons
     __m256i iacc[2][2];
     __m256 facc[2][2];
     const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const int has_o = t->offset == QN_OFF_MIN, has_z = !has_o;
     for (int r = 0; r < MR; r++) {
         xr[r] = t->xq + (int64_t)(m0 + r) * t->ldxq;
         for (int h = 0; h < 2; h++) { iacc[r][h] = _mm256_setzero_si256(); facc[r][h] = _mm256_setzero_ps(); }
@@ -92,19 +133,18 @@ QN_INLINE void int_tile2(const qn_qtile *t, int m0, int p0, const int bits, cons
         }
         int64_t gi = (b * t->fb) / t->group;
         for (int h = 0; h < 2; h++) {
-            int64_t gofs = ((int64_t)p0 * t->n_groups + gi) * 16 + 8 * h;
-            __m256 wsv = _mm256_loadu_ps(t->ws + gofs);
-            __m256i wzv = t->wz ? _mm256_loadu_si256((const __m256i *)(t->wz + gofs)) : _mm256_setzero_si256();
+            __m256 wsv, wov;
+            __m256i wzv;
+            group_scales8(t, p0, gi, h, &wsv, &wzv, &wov);
             if (bits == 8) wzv = _mm256_sub_epi32(wzv, _mm256_set1_epi32(128));
-            __m256 wov = t->wo ? _mm256_loadu_ps(t->wo + gofs) : _mm256_setzero_ps();
             for (int r = 0; r < MR; r++) {
                 int64_t xb = (int64_t)(m0 + r) * t->ldxb + b;
                 __m256i dot = iacc[r][h];
-                if (t->wz || bits == 8)
+                if (has_z || bits == 8)
                     dot = _mm256_sub_epi32(dot, _mm256_mullo_epi32(wzv, _mm256_set1_epi32(t->xisum[xb])));
                 facc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wsv, _mm256_set1_ps(t->xd[xb])),
                                              facc[r][h]);
-                if (t->wo) facc[r][h] = _mm256_fmadd_ps(wov, _mm256_set1_ps(t->xsum[xb]), facc[r][h]);
+                if (has_o) facc[r][h] = _mm256_fmadd_ps(wov, _mm256_set1_ps(t->xsum[xb]), facc[r][h]);
                 iacc[r][h] = _mm256_setzero_si256();
             }
         }
@@ -178,7 +218,9 @@ void qn_qtile_lut_avx2(const qn_qtile *t) {
                     }
                 }
                 for (int h = 0; h < 2; h++) {
-                    __m256 wsv = _mm256_loadu_ps(t->ws + ((int64_t)p * t->n_groups + gi) * 16 + 8 * h);
+                    __m256 wsv, wov;
+                    __m256i wzv;
+                    group_scales8(t, p, gi, h, &wsv, &wzv, &wov);
                     facc[h] = _mm256_fmadd_ps(gacc[h], wsv, facc[h]);
                     gacc[h] = _mm256_setzero_ps();
                 }

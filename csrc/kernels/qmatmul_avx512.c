@@ -48,23 +48,56 @@ QN_INLINE __mmask16 col_mask(int64_t ncols, int64_t c0) {
     return n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
 }
 
+/* ---- scales of one group for 16 rows: the vector twin of qn_qtile_group_scale ---- */
+
+QN_INLINE __m512 scale16(const void *base, int scale, int64_t i) {
+    if (scale == QN_SCALE_F32) return _mm512_loadu_ps((const float *)base + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    if (scale == QN_SCALE_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+QN_INLINE void group_scales(const qn_qtile *t, int64_t p, int64_t gi, __m512 *ws, __m512i *wz, __m512 *wo) {
+    int64_t i = (p * t->n_groups + gi) * 16;
+    if (t->scale == QN_SCALE_NESTED_U6 || t->scale == QN_SCALE_NESTED_I8) {
+        int64_t si = (p * t->n_super + (gi * t->group) / QN_SUPER) * 16;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t->supers + si)));
+        __m128i sc = _mm_loadu_si128((const __m128i *)((const uint8_t *)t->scales + i));
+        if (t->scale == QN_SCALE_NESTED_U6) {
+            *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+            __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t->super_mins + si)));
+            __m128i mn = _mm_loadu_si128((const __m128i *)((const uint8_t *)t->offsets + i));
+            __m512 prod = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
+            *wo = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(prod), _mm512_set1_epi32((int)0x80000000u)));
+        } else {
+            *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+            *wz = _mm512_set1_epi32(1 << (t->bits - 1));
+        }
+        return;
+    }
+    *ws = scale16(t->scales, t->scale, i);
+    if (t->kind == QN_SYM) *wz = _mm512_set1_epi32(1 << (t->bits - 1));
+    else if (t->offset == QN_OFF_ZERO)
+        *wz = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)t->offsets + i)));
+    else if (t->offset == QN_OFF_MIN) *wo = scale16(t->offsets, t->scale, i);
+}
+
 /* ---- int path ---- */
 
 /* Scale the int32 block sums into the fp32 accumulators (block b, group gi). */
 #define QN_FLUSH_INT(MR, NP)                                                                       \
     do {                                                                                           \
         for (int p = 0; p < NP; p++) {                                                             \
-            int64_t gofs = ((int64_t)(p0 + p) * t->n_groups + gi) * 16;                            \
-            __m512 wsv = _mm512_loadu_ps(t->ws + gofs);                                            \
-            __m512i wzv = t->wz ? _mm512_loadu_si512((const void *)(t->wz + gofs)) : _mm512_setzero_si512(); \
-            __m512 wov = t->wo ? _mm512_loadu_ps(t->wo + gofs) : _mm512_setzero_ps();              \
+            __m512 wsv, wov = _mm512_setzero_ps();                                                 \
+            __m512i wzv = _mm512_setzero_si512();                                                  \
+            group_scales(t, p0 + p, gi, &wsv, &wzv, &wov);                                         \
             for (int r = 0; r < MR; r++) {                                                         \
                 int64_t xb = (int64_t)(m0 + r) * t->ldxb + b;                                      \
                 __m512i dot = iacc[r][p];                                                          \
-                if (t->wz) dot = _mm512_sub_epi32(dot, _mm512_mullo_epi32(wzv, _mm512_set1_epi32(t->xisum[xb]))); \
+                if (has_z) dot = _mm512_sub_epi32(dot, _mm512_mullo_epi32(wzv, _mm512_set1_epi32(t->xisum[xb]))); \
                 facc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),                              \
                                              _mm512_mul_ps(wsv, _mm512_set1_ps(t->xd[xb])), facc[r][p]); \
-                if (t->wo) facc[r][p] = _mm512_fmadd_ps(wov, _mm512_set1_ps(t->xsum[xb]), facc[r][p]); \
+                if (has_o) facc[r][p] = _mm512_fmadd_ps(wov, _mm512_set1_ps(t->xsum[xb]), facc[r][p]); \
                 iacc[r][p] = _mm512_setzero_si512();                                               \
             }                                                                                      \
         }                                                                                          \
@@ -91,6 +124,7 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
     const int8_t *xr[4];
     __m512i iacc[4][4];
     __m512 facc[4][4];
+    const int has_o = t->offset == QN_OFF_MIN, has_z = !has_o;
     for (int p = 0; p < NP; p++) pc[p] = t->codes + (int64_t)(p0 + p) * t->panel_bytes;
     for (int r = 0; r < MR; r++) xr[r] = t->xq + (int64_t)(m0 + r) * t->ldxq;
     for (int r = 0; r < MR; r++)
@@ -224,7 +258,9 @@ QN_INLINE void lut_quads(__m512 gacc[4][4], const uint8_t *const *pc, const floa
 #define QN_FLUSH_LUT(MR, NP)                                                                       \
     do {                                                                                           \
         for (int p = 0; p < NP; p++) {                                                             \
-            __m512 wsv = _mm512_loadu_ps(t->ws + ((int64_t)(p0 + p) * t->n_groups + gi) * 16);     \
+            __m512 wsv, wov;                                                                       \
+            __m512i wzv;                                                                           \
+            group_scales(t, p0 + p, gi, &wsv, &wzv, &wov);                                         \
             for (int r = 0; r < MR; r++) {                                                         \
                 facc[r][p] = _mm512_fmadd_ps(gacc[r][p], wsv, facc[r][p]);                         \
                 gacc[r][p] = _mm512_setzero_ps();                                                  \

@@ -153,6 +153,7 @@ static void rule_zero(const float *x, int n, int bits, int scale, uint8_t *q, fl
 }
 
 /* Lookup table: s = absmax / max|lut| (rounded to the scale dtype), codes = nearest entry. */
+/* The table sorted by value, duplicates removed. */
 typedef struct lut_sorted { float v[256]; uint8_t idx[256]; int n; float vmax; } lut_sorted;
 
 static void lut_sort(lut_sorted *ls, const float *lut, int n) {
@@ -171,6 +172,15 @@ static void lut_sort(lut_sorted *ls, const float *lut, int n) {
         ls->v[j + 1] = v;
         ls->idx[j + 1] = id;
     }
+    /* equal values (+0/-0, clamped fp8 codes) keep only the lowest code */
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        if (m > 0 && ls->v[i] == ls->v[m - 1]) continue;
+        ls->v[m] = ls->v[i];
+        ls->idx[m] = ls->idx[i];
+        m++;
+    }
+    ls->n = m;
 }
 
 static uint8_t lut_nearest(const lut_sorted *ls, float t) {
@@ -449,51 +459,27 @@ qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, 
     return QN_OK;
 }
 
-int64_t qn_dequantize_workspace_size(const qn_format *f, int64_t K, int nthreads) {
-    return (int64_t)nthreads * 3 * qn_round_up(qn_fmt_ngroups(f, K) * QN_PANEL * 4, 64) + 64;
-}
-
-qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo, void *workspace, int64_t ws_bytes) {
+qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo) {
     const qn_format *f = w->fmt;
     qn_status st = qn_format_check(f);
     if (st) return st;
     if ((st = qn_format_check_k(f, w->K))) return st;
     if (w->N <= 0 || ldo < w->K) return qn_set_error(QN_EINVAL, "dequantize: bad shape");
-#ifdef _OPENMP
-    int nth = omp_get_max_threads();
-#else
-    int nth = 1;
-#endif
-    if (ws_bytes < qn_dequantize_workspace_size(f, w->K, nth))
-        return qn_set_error(QN_EINVAL, "dequantize: workspace too small");
-    int64_t Kp = qn_fmt_kpad(f, w->K), ng = qn_fmt_ngroups(f, w->K), g = qn_fmt_group(f, w->K);
-    int64_t np = qn_npanels(w->N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
-    int64_t arr = qn_round_up(ng * QN_PANEL * 4, 64);
-    char *ws0 = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
-#pragma omp parallel for schedule(static) num_threads(nth)
+    int64_t np = qn_npanels(w->N);
+#pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < np; p++) {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
-        char *scr = ws0 + (int64_t)tid * 3 * arr;
-        float *ws = (float *)scr, *wo = (float *)(scr + 2 * arr);
-        int32_t *wz = (int32_t *)(scr + arr);
-        qn_decode_panel_scales(w, p, ws, wz, wo);
-        const uint8_t *pc = w->codes + p * pbytes;
-        for (int n = 0; n < QN_PANEL; n++) {
-            int64_t row = p * QN_PANEL + n;
-            if (row >= w->N) break;
-            float *o = out + row * ldo;
+        qn_qtile t;
+        qn_qtile_for_panels(&t, w, p, 1);
+        for (int n = 0; n < QN_PANEL && p * QN_PANEL + n < w->N; n++) {
+            float *o = out + (p * QN_PANEL + n) * ldo;
+            float s = 0.0f, m = 0.0f;
+            int32_t z = 0;
             for (int64_t k = 0; k < w->K; k++) {
-                int64_t i = (k / g) * QN_PANEL + n;
-                int q = qn_code_at(pc, f->bits, n, k);
-                float v;
-                if (f->kind == QN_LUT) v = ws[i] * f->lut[q];
-                else if (f->kind == QN_ASYM && f->offset == QN_OFF_MIN) v = ws[i] * (float)q + wo[i];
-                else v = ws[i] * (float)(q - wz[i]);
-                o[k] = v;
+                if (k % t.group == 0) qn_qtile_group_scale(&t, 0, k / t.group, n, &s, &z, &m);
+                int q = qn_code_at(t.codes, f->bits, n, k);
+                if (f->kind == QN_LUT) o[k] = s * f->lut[q];
+                else if (f->offset == QN_OFF_MIN) o[k] = s * (float)q + m;
+                else o[k] = s * (float)(q - z);
             }
         }
     }

@@ -31,8 +31,7 @@ qn_status qn_unpack_codes(uint8_t *codes, const uint8_t *packed, int bits, int64
 
 /* out[N, K] (row stride ldo) = the float32 values of w: s*(q - z), s*q + m or s*lut[q],
  * each one rounding of float32 math, as GGUF's dequantizers compute them. */
-int64_t qn_dequantize_workspace_size(const qn_format *f, int64_t K, int nthreads);
-qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo, void *workspace, int64_t ws_bytes);
+qn_status qn_dequantize(float *out, const qn_qweight *w, int64_t ldo);
 
 #ifdef __cplusplus
 }

@@ -16,6 +16,7 @@ const char *qn_dtype_name(int dt) {
     case QN_DT_I8: return "int8";
     case QN_DT_I32: return "int32";
     case QN_DT_U16: return "uint16";
+    case QN_DT_U64: return "uint64";
     default: return "?";
     }
 }
@@ -35,6 +36,7 @@ static int dtype_matches(PyArray_Descr *d, int dt) {
     case QN_DT_I8: return t == NPY_INT8;
     case QN_DT_I32: return t == NPY_INT32;
     case QN_DT_U16: return t == NPY_UINT16;
+    case QN_DT_U64: return t == NPY_UINT64;
     default: return 0;
     }
 }
@@ -80,11 +82,11 @@ PyArrayObject *qn_check_array(PyObject *obj, const qn_arrspec *s) {
         }
     }
     int isz = (int)PyArray_ITEMSIZE(a);
-    if (s->contiguous && !PyArray_IS_C_CONTIGUOUS(a)) {
+    if (s->contiguous && PyArray_SIZE(a) > 0 && !PyArray_IS_C_CONTIGUOUS(a)) {
         PyErr_Format(PyExc_ValueError, "%s: %s must be C-contiguous", s->op, s->name);
         return NULL;
     }
-    if (s->rows_contiguous && PyArray_NDIM(a) >= 1) {
+    if (s->rows_contiguous && PyArray_NDIM(a) >= 1 && PyArray_SIZE(a) > 0) {
         int nd = PyArray_NDIM(a);
         if (PyArray_DIM(a, nd - 1) > 1 && PyArray_STRIDE(a, nd - 1) != isz) {
             PyErr_Format(PyExc_ValueError, "%s: %s must have contiguous rows (last stride %d), got stride %lld",

@@ -17,7 +17,7 @@
 #include "../qn_formats.h"
 
 /* dtype codes shared with python/quanta/ops.py */
-enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6 };
+enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6, QN_DT_U64 = 7 };
 
 /* What an array argument must be. ndim and shape entries < 0 are not checked. */
 typedef struct qn_arrspec {

@@ -4,6 +4,7 @@
 
 #include "../cpu_features.h"
 #include "../dispatch.h"
+#include "../kernels/membench.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -53,7 +54,24 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
     return PyUnicode_FromString(qn_isa_name(qn_dispatch_set_isa(isa)));
 }
 
+/* _read_bandwidth(uint64 array) -> checksum: streams the array with every thread. */
+static PyObject *py_read_bandwidth(PyObject *self, PyObject *arg) {
+    (void)self;
+    qn_arrspec s = {"_read_bandwidth", "a", QN_DT_U64, 1, {-1, -1, -1, -1}, 0, 0, 1};
+    PyArrayObject *a = qn_check_array(arg, &s);
+    if (!a) return NULL;
+    qn_py_apply_threads();
+    uint64_t r;
+    const uint64_t *p = PyArray_DATA(a);
+    int64_t n = PyArray_DIM(a, 0);
+    Py_BEGIN_ALLOW_THREADS
+    r = qn_membench_read(p, n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(r);
+}
+
 static PyMethodDef methods[] = {
+    {"_read_bandwidth", py_read_bandwidth, METH_O, "_read_bandwidth(a: uint64[n]) -> int (benchmarks)."},
     {"info", py_info, METH_NOARGS, "info() -> dict: kernel path, CPU features, threads."},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by every kernel."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int."},

@@ -163,15 +163,11 @@ PyObject *qn_py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nar
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (!out) return NULL;
     qn_py_apply_threads();
-    int64_t wsb = qn_dequantize_workspace_size(f, K, nthreads_now());
-    void *ws = qn_py_workspace(wsb);
-    if (!ws) { Py_DECREF(out); return NULL; }
     qn_status st;
     float *o = (float *)PyArray_DATA(out);
     Py_BEGIN_ALLOW_THREADS
-    st = qn_dequantize(o, &qw, K, ws, wsb);
+    st = qn_dequantize(o, &qw, K);
     Py_END_ALLOW_THREADS
-    qn_py_workspace_release(ws);
     if (st) { Py_DECREF(out); return qn_raise_status(st); }
     return (PyObject *)out;
 }

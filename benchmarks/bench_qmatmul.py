@@ -1,0 +1,114 @@
+"""Quantized matmul on the CPU: decode GEMV and prefill GEMM, side by side with NumPy.
+
+    python benchmarks/bench_qmatmul.py [--threads 2] [--quick] [--formats q4_0,q8_0]
+
+Decode (M=1): effective weight GB/s (bytes of the quantized matrix / time), the ratio to
+NumPy float32 ``x @ W.T`` (OpenBLAS sgemv) on the same shape, and the fraction of the read
+bandwidth this script measures. Weights rotate through copies (>= 320 MB) so they come
+from memory. Prefill (M = 16, 64, 512): GOP/s (2*M*N*K / time) and the ratio to NumPy
+float32. Every kernel's output is checked against quanta.reference before it is timed;
+a wrong result prints no number. Medians of >= 10 runs; thread counts equal.
+"""
+from __future__ import annotations
+
+import _common
+
+THREADS = _common.setup_threads(2)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import quanta  # noqa: E402
+from quanta import reference  # noqa: E402
+
+ALL_FORMATS = ["q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q8_0", "int8", "int4_g128", "int4_g128_asym",
+               "nf4", "fp8_e4m3"]
+
+
+def check(y, x, qt):
+    yr = reference.qmatmul(x, qt, act_quant=qt.format.kind != "lut")
+    err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
+    return err < 1e-4, err
+
+
+def copy_qt(qt):
+    return quanta.QuantizedTensor(qt.format, qt.shape, *[None if a is None else a.copy() for a in qt.arrays])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--formats", default=",".join(ALL_FORMATS))
+    ap.add_argument("--json", default=None, help="also write results to this file")
+    args = ap.parse_args()
+    quanta.set_num_threads(args.threads)
+    fmts = args.formats.split(",")
+    rng = np.random.default_rng(0)
+    reps = 10 if args.quick else 20
+    bw = _common.read_bandwidth()
+    print(f"quanta {quanta.__version__}, path {quanta.info()['isa']}, threads {args.threads}; "
+          f"measured read bandwidth {bw / 1e9:.1f} GB/s\n")
+    results = {"threads": args.threads, "read_bandwidth_GBs": bw / 1e9, "gemv": [], "gemm": []}
+
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    rows = []
+    for N, K in shapes:
+        w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+        x = rng.standard_normal((1, K)).astype(np.float32)
+        rot = _common.Rotator(lambda: w.copy(), w.nbytes)
+        t_np = _common.median_time(lambda: x @ rot.next().T, repeats=reps)
+        rows.append([f"{N}x{K}", "numpy f32", f"{w.nbytes / 1e6:.1f}", f"{t_np * 1e3:.3f}",
+                     f"{w.nbytes / t_np / 1e9:.1f}", "1.00", f"{w.nbytes / t_np / bw:.2f}"])
+        del rot
+        for name in fmts:
+            qt = quanta.quantize(w, name)
+            ok, err = check(quanta.ops.qmatmul(x, qt), x, qt)
+            if not ok:
+                rows.append([f"{N}x{K}", name, "", "WRONG", f"rel err {err:.2e}", "", ""])
+                continue
+            rot = _common.Rotator(lambda: copy_qt(qt), qt.nbytes)
+            out = np.empty((1, N), np.float32)
+            t = _common.median_time(lambda: quanta.ops.qmatmul(x, rot.next(), out=out), repeats=reps)
+            gbs = qt.nbytes / t / 1e9
+            rows.append([f"{N}x{K}", name, f"{qt.nbytes / 1e6:.1f}", f"{t * 1e3:.3f}", f"{gbs:.1f}",
+                         f"{t_np / t:.2f}", f"{gbs * 1e9 / bw:.2f}"])
+            results["gemv"].append({"shape": [N, K], "format": name, "ms": t * 1e3, "GBs": gbs,
+                                    "x_numpy": t_np / t, "frac_bw": gbs * 1e9 / bw})
+            del rot
+    print("Decode GEMV, M=1 (weights from memory)")
+    _common.print_table(["N x K", "format", "MB", "ms", "GB/s", "x numpy f32", "of read bw"], rows)
+
+    rows = []
+    N = K = 4096
+    w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+    for M in ([16, 512] if args.quick else [16, 64, 512]):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        r = 5 if M == 512 else reps
+        t_np = _common.median_time(lambda: x @ w.T, repeats=r)
+        ops = 2.0 * M * N * K
+        rows.append([M, "numpy f32", f"{t_np * 1e3:.2f}", f"{ops / t_np / 1e9:.0f}", "1.00"])
+        for name in fmts:
+            qt = quanta.quantize(w, name)
+            ok, err = check(quanta.ops.qmatmul(x, qt), x, qt)
+            if not ok:
+                rows.append([M, name, "WRONG", f"rel err {err:.2e}", ""])
+                continue
+            out = np.empty((M, N), np.float32)
+            t = _common.median_time(lambda: quanta.ops.qmatmul(x, qt, out=out), repeats=r)
+            rows.append([M, name, f"{t * 1e3:.2f}", f"{ops / t / 1e9:.0f}", f"{t_np / t:.2f}"])
+            results["gemm"].append({"M": M, "shape": [N, K], "format": name, "ms": t * 1e3,
+                                    "GOPs": ops / t / 1e9, "x_numpy": t_np / t})
+    print(f"\nPrefill GEMM, N = K = {N}")
+    _common.print_table(["M", "format", "ms", "GOP/s", "x numpy f32"], rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""One table of tolerances, by what is compared; `assert_close` prints the evidence.
+
+Keys name the comparison, not the test: a kernel against its float64 reference twin with
+the same rounding modelled (tight), or against float math where the kernel approximates
+by design (int8 activations: loose, at the level of an 8-bit quantizer).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TOL = {
+    # qmatmul vs reference.qmatmul(act_quant=True): only float32 accumulation order differs
+    "qmatmul_int": dict(rel_l2=2e-6, max_abs_rel=2e-5),
+    # lut formats vs reference.qmatmul: fp32 FMA accumulation over K
+    "qmatmul_lut": dict(rel_l2=2e-6, max_abs_rel=2e-5),
+    # int formats vs float x (int8 activation quantization per block of <= 256)
+    "qmatmul_float_x": dict(rel_l2=2e-2, max_abs_rel=1e-1),
+    # float matmul, fp32 accumulation
+    "matmul_f32": dict(rel_l2=2e-6, max_abs_rel=2e-5),
+}
+
+
+def assert_close(actual, expected, key: str, what: str = ""):
+    """Fails with max abs error, relative L2 error and the worst index when out of tolerance.
+
+    max_abs_rel bounds max|a - e| / max|e|; rel_l2 bounds ||a - e|| / ||e||."""
+    tol = TOL[key]
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    if e.size == 0:
+        return
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values at {np.argwhere(~np.isfinite(a))[:5].tolist()}"
+    diff = np.abs(a - e)
+    scale = max(np.abs(e).max(), 1e-30)
+    rel_l2 = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
+    worst = np.unravel_index(int(diff.argmax()), diff.shape)
+    msg = (f"{what} [{key}]: max abs err {diff.max():.3e} (rel {diff.max() / scale:.3e}, limit "
+           f"{tol['max_abs_rel']:.1e}), rel L2 err {rel_l2:.3e} (limit {tol['rel_l2']:.1e}), worst index "
+           f"{tuple(int(i) for i in worst)}: got {a[worst]!r}, expected {e[worst]!r}")
+    assert rel_l2 <= tol["rel_l2"] and diff.max() / scale <= tol["max_abs_rel"], msg
