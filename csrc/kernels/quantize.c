@@ -91,7 +91,22 @@ static inline void store_scale(void *dst, int scale, int64_t i, float s) {
 }
 
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
-static inline int nearest(float v) { return (int)nearbyintf(v); }
+/* Round half to even for |v| < 2^22 without libm (baseline x86-64 has no roundss). */
+static inline float nearestf(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+static inline int nearest(float v) {
+    v = v > 4194304.0f ? 4194304.0f : (v < -4194304.0f ? -4194304.0f : v);
+    return (int)nearestf(v);
+}
+/* roundf (half away from zero) as GGUF's reference computes it: floor(a) + floor(2(a - floor(a))). */
+static inline float roundf_gguf(float x) {
+    float a = fabsf(x);
+    float fl = (float)(int)a;
+    float b = fl + (float)(int)(2.0f * (a - fl));
+    return x < 0.0f ? -b : b;
+}
 
 /* ---- per-group rules; each writes codes q[0..n) and returns the stored scale/offset ---- */
 
@@ -118,7 +133,7 @@ static void rule_q8_0(const float *x, int n, int bits, uint8_t *q, float *d_out)
     int half = 1 << (bits - 1);
     float d = amax / (float)(half - 1);
     float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int i = 0; i < n; i++) q[i] = (uint8_t)clampi((int)roundf(x[i] * id) + half, 0, 2 * half - 1);
+    for (int i = 0; i < n; i++) q[i] = (uint8_t)clampi((int)roundf_gguf(x[i] * id) + half, 0, 2 * half - 1);
     *d_out = d;
 }
 
@@ -153,11 +168,12 @@ static void rule_zero(const float *x, int n, int bits, int scale, uint8_t *q, fl
 }
 
 /* Lookup table: s = absmax / max|lut| (rounded to the scale dtype), codes = nearest entry. */
-/* The table sorted by value, duplicates removed. */
-typedef struct lut_sorted { float v[256]; uint8_t idx[256]; int n; float vmax; } lut_sorted;
+/* The table sorted by value, duplicates removed, with the midpoints between neighbours. */
+typedef struct lut_sorted { float v[256], mid[256]; uint8_t idx[256]; int n, kind; float vmax; } lut_sorted;
 
-static void lut_sort(lut_sorted *ls, const float *lut, int n) {
+static void lut_sort(lut_sorted *ls, const float *lut, int n, int kind) {
     ls->n = n;
+    ls->kind = kind;
     ls->vmax = 0.0f;
     for (int i = 0; i < n; i++) {
         ls->v[i] = lut[i];
@@ -181,21 +197,40 @@ static void lut_sort(lut_sorted *ls, const float *lut, int n) {
         m++;
     }
     ls->n = m;
+    for (int i = 0; i + 1 < m; i++) ls->mid[i] = 0.5f * (ls->v[i] + ls->v[i + 1]);
+}
+
+/* Nearest FP8 code (round half to even, saturating) of t, |t| <= the format's max. */
+static uint8_t fp8_code(float t, int kind) {
+    float a = fabsf(t);
+    int mbits = kind == QN_LUT_FP8_E4M3 ? 3 : 2, bias = kind == QN_LUT_FP8_E4M3 ? 7 : 15;
+    int emin = 1 - bias, maxcode = kind == QN_LUT_FP8_E4M3 ? 0x7E : 0x7B;
+    int e = (int)((qn_f32_bits(a) >> 23) & 0xFF) - 127;
+    int code;
+    if (e < emin) {
+        code = nearest(a * qn_bits_f32((uint32_t)(127 - emin + mbits) << 23)); /* quantum 2^(emin - mbits) */
+    } else {
+        int m = nearest(a * qn_bits_f32((uint32_t)(127 - e + mbits) << 23)); /* in [2^mbits, 2^(mbits+1)] */
+        code = ((e + bias) << mbits) + (m - (1 << mbits));
+    }
+    if (code > maxcode) code = maxcode;
+    return (uint8_t)(code | (t < 0.0f && code ? 0x80 : 0));
 }
 
 static uint8_t lut_nearest(const lut_sorted *ls, float t) {
-    int lo = 0, hi = ls->n - 1;
-    if (t <= ls->v[0]) return ls->idx[0];
-    if (t >= ls->v[hi]) return ls->idx[hi];
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (ls->v[mid] <= t) lo = mid; else hi = mid;
+    if (ls->kind != QN_LUT_TABLE) return fp8_code(t, ls->kind);
+    int n = ls->n;
+    if (n <= 64) { /* branchless: the number of midpoints below t */
+        int c = 0;
+        for (int i = 0; i + 1 < n; i++) c += t > ls->mid[i];
+        return ls->idx[c];
     }
-    /* ties go to the entry of smaller magnitude */
-    float dl = t - ls->v[lo], dh = ls->v[hi] - t;
-    if (dl < dh) return ls->idx[lo];
-    if (dh < dl) return ls->idx[hi];
-    return fabsf(ls->v[lo]) <= fabsf(ls->v[hi]) ? ls->idx[lo] : ls->idx[hi];
+    int lo = 0, hi = n - 1; /* invariant: mid[lo-1] < t <= mid[hi] */
+    while (lo < hi) {
+        int m = (lo + hi) / 2;
+        if (t > ls->mid[m]) lo = m + 1; else hi = m;
+    }
+    return ls->idx[lo];
 }
 
 static void rule_lut(const float *x, int n, const lut_sorted *ls, int scale, uint8_t *q, float *s_out) {
@@ -209,71 +244,85 @@ static void rule_lut(const float *x, int n, const lut_sorted *ls, int scale, uin
     *s_out = s;
 }
 
-/* K-quant sub-block search (asym): choose scale and min minimizing the weighted squared
- * error over a grid of candidate inverse scales, solving least squares for each. */
-static void kq_search_asym(const float *x, const float *wt, int n, int nmax, float rmin, float rdelta,
-                           int nstep, float *scale_out, float *min_out) {
-    float mn = x[0], mx = x[0], sum_w = 0.0f, sum_x = 0.0f;
+/* K-quant sub-block search (asym, n = 32): choose scale and min minimizing the weighted
+ * squared error over a grid of candidate inverse scales, solving least squares for each.
+ * The error of a candidate follows from the sums the fit needs; sums run in 8 lanes so
+ * the compiler vectorizes them. */
+static void kq_search_asym(const float *x, const float *wt, int nmax, float rmin, float rdelta, int nstep,
+                           float *scale_out, float *min_out) {
+    enum { n = 32, V = 8 };
+    float mn = x[0], mx = x[0], sum_w = 0.0f, sum_x = 0.0f, sum_x2 = 0.0f;
     for (int i = 0; i < n; i++) {
         mn = x[i] < mn ? x[i] : mn;
         mx = x[i] > mx ? x[i] : mx;
         sum_w += wt[i];
         sum_x += wt[i] * x[i];
+        sum_x2 += wt[i] * x[i] * x[i];
     }
     if (mn > 0.0f) mn = 0.0f;
     if (mx == mn) { *scale_out = 0.0f; *min_out = -mn; return; }
-    float iscale = (float)nmax / (mx - mn), scale = 1.0f / iscale, best = 0.0f;
-    for (int i = 0; i < n; i++) {
-        int l = clampi(nearest(iscale * (x[i] - mn)), 0, nmax);
-        float diff = scale * (float)l + mn - x[i];
-        best += wt[i] * diff * diff;
-    }
-    for (int is = 0; is <= nstep; is++) {
-        float isc = (rmin + rdelta * (float)is + (float)nmax) / (mx - mn);
-        float sl = 0, sl2 = 0, sxl = 0;
-        uint8_t L[QN_SUPER];
-        for (int i = 0; i < n; i++) {
-            int l = clampi(nearest(isc * (x[i] - mn)), 0, nmax);
-            L[i] = (uint8_t)l;
-            sl += wt[i] * (float)l;
-            sl2 += wt[i] * (float)l * (float)l;
-            sxl += wt[i] * (float)l * x[i];
+    const float fmax = (float)nmax, x0 = mn;
+    float best = -1.0f, scale = 0.0f;
+    for (int is = -1; is <= nstep; is++) {
+        /* is = -1: the plain (max - min) / nmax scale; then the grid */
+        float isc = is < 0 ? fmax / (mx - x0) : (rmin + rdelta * (float)is + fmax) / (mx - x0);
+        float sl[V] = {0}, sl2[V] = {0}, sxl[V] = {0};
+        for (int j = 0; j < n; j += V)
+            for (int v = 0; v < V; v++) {
+                float l = nearestf(isc * (x[j + v] - x0));
+                l = l < 0.0f ? 0.0f : (l > fmax ? fmax : l);
+                float wl = wt[j + v] * l;
+                sl[v] += wl;
+                sl2[v] += wl * l;
+                sxl[v] += wl * x[j + v];
+            }
+        float SL = 0, SL2 = 0, SXL = 0;
+        for (int v = 0; v < V; v++) { SL += sl[v]; SL2 += sl2[v]; SXL += sxl[v]; }
+        float this_scale, this_min;
+        if (is < 0) {
+            this_scale = 1.0f / isc;
+            this_min = x0;
+        } else {
+            float D = sum_w * SL2 - SL * SL;
+            if (D <= 0.0f) continue;
+            this_scale = (sum_w * SXL - sum_x * SL) / D;
+            this_min = (SL2 * sum_x - SL * SXL) / D;
+            if (this_min > 0.0f) { this_min = 0.0f; this_scale = SL2 > 0 ? SXL / SL2 : 0.0f; }
         }
-        float D = sum_w * sl2 - sl * sl;
-        if (D <= 0.0f) continue;
-        float this_scale = (sum_w * sxl - sum_x * sl) / D;
-        float this_min = (sl2 * sum_x - sl * sxl) / D;
-        if (this_min > 0.0f) { this_min = 0.0f; this_scale = sl2 > 0 ? sxl / sl2 : 0.0f; }
-        float mad = 0.0f;
-        for (int i = 0; i < n; i++) {
-            float diff = this_scale * (float)L[i] + this_min - x[i];
-            mad += wt[i] * diff * diff;
-        }
-        if (mad < best) { best = mad; scale = this_scale; mn = this_min; }
+        /* sum w (s*l + m - x)^2 expanded over the sums */
+        float mad = this_scale * this_scale * SL2 + 2.0f * this_scale * this_min * SL - 2.0f * this_scale * SXL +
+                    this_min * this_min * sum_w - 2.0f * this_min * sum_x + sum_x2;
+        if (best < 0.0f || mad < best) { best = mad; scale = this_scale; mn = this_min; }
     }
     *scale_out = scale;
     *min_out = -mn;
 }
 
-/* K-quant sub-block search (sym): codes in [-nmax, nmax-1], weights x^2. */
-static float kq_search_sym(const float *x, int n, int nmax) {
+/* K-quant sub-block search (sym, n = 16): codes in [-nmax, nmax-1], weights x^2. */
+static float kq_search_sym(const float *x, int nmax) {
+    enum { n = 16, V = 8 };
     float amax = 0.0f, max = 0.0f;
     for (int i = 0; i < n; i++)
         if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
     if (amax == 0.0f) return 0.0f;
     float best_scale = 0.0f, best = -1.0f;
+    const float lo = (float)-nmax, hi = (float)(nmax - 1);
     for (int is = -9; is <= 9; is++) {
         float iscale = -((float)nmax + 0.1f * (float)is) / max;
-        float slx = 0.0f, sl2 = 0.0f;
-        for (int i = 0; i < n; i++) {
-            int l = clampi(nearest(iscale * x[i]), -nmax, nmax - 1);
-            float w = x[i] * x[i];
-            slx += w * x[i] * (float)l;
-            sl2 += w * (float)l * (float)l;
-        }
-        if (sl2 > 0.0f && (best < 0.0f || slx * slx > best * sl2)) {
-            best_scale = slx / sl2;
-            best = best_scale * slx;
+        float slx[V] = {0}, sl2[V] = {0};
+        for (int j = 0; j < n; j += V)
+            for (int v = 0; v < V; v++) {
+                float xi = x[j + v], l = nearestf(iscale * xi);
+                l = l < lo ? lo : (l > hi ? hi : l);
+                float w = xi * xi;
+                slx[v] += w * xi * l;
+                sl2[v] += w * l * l;
+            }
+        float SLX = 0, SL2 = 0;
+        for (int v = 0; v < V; v++) { SLX += slx[v]; SL2 += sl2[v]; }
+        if (SL2 > 0.0f && (best < 0.0f || SLX * SLX > best * SL2)) {
+            best_scale = SLX / SL2;
+            best = best_scale * SLX;
         }
     }
     return best_scale;
@@ -289,8 +338,8 @@ static void rule_kq_asym(const float *x, int bits, uint8_t *q, uint8_t *sc, uint
     float max_scale = 0.0f, max_min = 0.0f;
     for (int j = 0; j < nsub; j++) {
         for (int i = 0; i < 32; i++) wt[i] = av + fabsf(x[32 * j + i]);
-        if (bits == 4) kq_search_asym(x + 32 * j, wt, 32, nmax, -1.0f, 0.1f, 20, &scales[j], &mins[j]);
-        else kq_search_asym(x + 32 * j, wt, 32, nmax, -0.5f, 0.1f, 15, &scales[j], &mins[j]);
+        if (bits == 4) kq_search_asym(x + 32 * j, wt, nmax, -1.0f, 0.1f, 20, &scales[j], &mins[j]);
+        else kq_search_asym(x + 32 * j, wt, nmax, -0.5f, 0.1f, 15, &scales[j], &mins[j]);
         max_scale = scales[j] > max_scale ? scales[j] : max_scale;
         max_min = mins[j] > max_min ? mins[j] : max_min;
     }
@@ -312,7 +361,7 @@ static void rule_kq_asym(const float *x, int bits, uint8_t *q, uint8_t *sc, uint
 static void rule_kq_sym6(const float *x, uint8_t *q, int8_t *sc, uint16_t *d16) {
     float scales[16], max_scale = 0.0f, amax = 0.0f;
     for (int j = 0; j < 16; j++) {
-        scales[j] = kq_search_sym(x + 16 * j, 16, 32);
+        scales[j] = kq_search_sym(x + 16 * j, 32);
         if (fabsf(scales[j]) > amax) { amax = fabsf(scales[j]); max_scale = scales[j]; }
     }
     if (amax == 0.0f) {
@@ -356,7 +405,7 @@ qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, 
     int64_t np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
     int64_t nsb = Kp / QN_SUPER;
     lut_sorted ls;
-    if (f->kind == QN_LUT) lut_sort(&ls, f->lut, 1 << f->bits);
+    if (f->kind == QN_LUT) lut_sort(&ls, f->lut, 1 << f->bits, f->lut_kind);
     int rule = f->rule;
     if (rule == QN_RULE_DEFAULT) {
         if (f->kind == QN_SYM) rule = f->bits == 8 ? QN_RULE_Q8_0 : QN_RULE_Q4_0;

@@ -5,7 +5,7 @@
     y = quanta.ops.qmatmul(np.random.randn(1, 4096).astype(np.float32), w)
 """
 from . import _C
-from . import formats, ops, reference
+from . import cuda, formats, ops, reference
 from ._info import info, print_info
 from .formats import Format, QuantizedTensor, quantize
 
@@ -21,5 +21,5 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
-__all__ = ["Format", "QuantizedTensor", "quantize", "ops", "formats", "reference", "info", "print_info",
+__all__ = ["cuda", "Format", "QuantizedTensor", "quantize", "ops", "formats", "reference", "info", "print_info",
            "set_num_threads", "get_num_threads", "__version__"]

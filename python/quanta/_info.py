@@ -17,7 +17,8 @@ def info() -> dict:
     }
     return {"version": __version__, "isa": isa, "hw_isa": c["hw_isa"], "kernels": kernels,
             "num_threads": c["num_threads"], "openmp": c["openmp"], "cpu_features": c["features"],
-            "cuda_built": cuda.built(), "cuda_devices": cuda.devices() if cuda.built() else []}
+            "cuda_built": cuda.built(), "cuda_devices": cuda.devices() if cuda.built() else [],
+            "cuda_unavailable": None if cuda.available() else cuda.unavailable_reason()}
 
 
 def print_info() -> None:
@@ -32,7 +33,7 @@ def print_info() -> None:
     if not d["cuda_built"]:
         print("  CUDA         : not built (nvcc was not found at install; reinstall with QUANTA_CUDA=1)")
     elif not d["cuda_devices"]:
-        print("  CUDA         : built, no device visible")
+        print(f"  CUDA         : built, unusable here: {d['cuda_unavailable']}")
     else:
         for i, dev in enumerate(d["cuda_devices"]):
             print(f"  CUDA device {i}: {dev}")
