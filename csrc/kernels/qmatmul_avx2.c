@@ -131,7 +131,7 @@ QN_INLINE void int_tile2(const qn_qtile *t, int m0, int p0, const int bits, cons
                 }
             }
         }
-        int64_t gi = (b * t->fb) / t->group;
+        int64_t gi = t->n_groups == 1 ? 0 : b; /* a block is a group or a slice of the per-row group */
         for (int h = 0; h < 2; h++) {
             __m256 wsv, wov;
             __m256i wzv;

@@ -50,6 +50,65 @@ QN_INLINE __mmask16 col_mask(int64_t ncols, int64_t c0) {
 
 /* ---- scales of one group for 16 rows: the vector twin of qn_qtile_group_scale ---- */
 
+/* Scale modes: the common presets get kernels with their scale decoding fixed at compile
+ * time (no branches in the flush); SM_GENERIC reads the mode from the tile. */
+enum { SM_GENERIC, SM_F16_SYM, SM_F16_MIN, SM_F16_ZERO, SM_F32_SYM, SM_KQ_U6, SM_KQ_I8 };
+
+/* Per-tile constants of the scale decoding, hoisted out of the loops. */
+typedef struct scale_ctx {
+    const uint8_t *scales, *offsets;
+    const uint16_t *supers, *super_mins;
+    int64_t n_groups, n_super, group;
+    int scale, kind, offset, sbytes, obytes;
+    int32_t zconst; /* symmetric: the shared zero point, subtracted as z * sum(x) */
+} scale_ctx;
+
+QN_INLINE scale_ctx make_scale_ctx(const qn_qtile *t) {
+    scale_ctx c;
+    c.scales = (const uint8_t *)t->scales;
+    c.offsets = (const uint8_t *)t->offsets;
+    c.supers = t->supers;
+    c.super_mins = t->super_mins;
+    c.n_groups = t->n_groups;
+    c.n_super = t->n_super;
+    c.group = t->group;
+    c.scale = t->scale;
+    c.kind = t->kind;
+    c.offset = t->offset;
+    c.sbytes = t->scale == QN_SCALE_F32 ? 4 : (t->scale == QN_SCALE_F16 || t->scale == QN_SCALE_BF16) ? 2 : 1;
+    c.obytes = (t->offset == QN_OFF_ZERO || c.sbytes == 1) ? 1 : c.sbytes;
+    c.zconst = t->kind == QN_SYM ? 1 << (t->bits - 1) : 0;
+    return c;
+}
+
+QN_INLINE int sm_scale(const scale_ctx *c, const int MODE) {
+    switch (MODE) {
+    case SM_F16_SYM: case SM_F16_MIN: case SM_F16_ZERO: return QN_SCALE_F16;
+    case SM_F32_SYM: return QN_SCALE_F32;
+    case SM_KQ_U6: return QN_SCALE_NESTED_U6;
+    case SM_KQ_I8: return QN_SCALE_NESTED_I8;
+    default: return c->scale;
+    }
+}
+QN_INLINE int sm_offset(const scale_ctx *c, const int MODE) {
+    switch (MODE) {
+    case SM_F16_SYM: case SM_F32_SYM: case SM_KQ_I8: return QN_OFF_NONE;
+    case SM_F16_MIN: case SM_KQ_U6: return QN_OFF_MIN;
+    case SM_F16_ZERO: return QN_OFF_ZERO;
+    default: return c->offset;
+    }
+}
+QN_INLINE int32_t sm_zconst(const scale_ctx *c, const int MODE) {
+    switch (MODE) {
+    case SM_F16_MIN: case SM_F16_ZERO: case SM_KQ_U6: return 0;
+    case SM_GENERIC: return c->zconst;
+    default: return c->zconst; /* symmetric modes: 2^(bits-1), set per tile */
+    }
+}
+QN_INLINE int sm_nested(const scale_ctx *c, const int MODE) {
+    return MODE == SM_GENERIC ? c->sbytes == 1 : (MODE == SM_KQ_U6 || MODE == SM_KQ_I8);
+}
+
 QN_INLINE __m512 scale16(const void *base, int scale, int64_t i) {
     if (scale == QN_SCALE_F32) return _mm512_loadu_ps((const float *)base + i);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
@@ -57,58 +116,73 @@ QN_INLINE __m512 scale16(const void *base, int scale, int64_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-QN_INLINE void group_scales(const qn_qtile *t, int64_t p, int64_t gi, __m512 *ws, __m512i *wz, __m512 *wo) {
-    int64_t i = (p * t->n_groups + gi) * 16;
-    if (t->scale == QN_SCALE_NESTED_U6 || t->scale == QN_SCALE_NESTED_I8) {
-        int64_t si = (p * t->n_super + (gi * t->group) / QN_SUPER) * 16;
-        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t->supers + si)));
-        __m128i sc = _mm_loadu_si128((const __m128i *)((const uint8_t *)t->scales + i));
-        if (t->scale == QN_SCALE_NESTED_U6) {
+QN_INLINE void group_scales(const scale_ctx *c, int64_t p, int64_t gi, __m512 *ws, __m512i *wz, __m512 *wo,
+                             const int MODE) {
+    int64_t i = (p * c->n_groups + gi) * 16;
+    const int scale = sm_scale(c, MODE), offset = sm_offset(c, MODE);
+    if (sm_nested(c, MODE)) { /* nested GGUF K-quant scales */
+        int64_t si = (p * c->n_super + (gi * c->group) / QN_SUPER) * 16;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->supers + si)));
+        __m128i sc = _mm_loadu_si128((const __m128i *)(c->scales + i));
+        if (scale == QN_SCALE_NESTED_U6) {
             *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
-            __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t->super_mins + si)));
-            __m128i mn = _mm_loadu_si128((const __m128i *)((const uint8_t *)t->offsets + i));
+            __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->super_mins + si)));
+            __m128i mn = _mm_loadu_si128((const __m128i *)(c->offsets + i));
             __m512 prod = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
             *wo = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(prod), _mm512_set1_epi32((int)0x80000000u)));
         } else {
             *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-            *wz = _mm512_set1_epi32(1 << (t->bits - 1));
         }
         return;
     }
-    *ws = scale16(t->scales, t->scale, i);
-    if (t->kind == QN_SYM) *wz = _mm512_set1_epi32(1 << (t->bits - 1));
-    else if (t->offset == QN_OFF_ZERO)
-        *wz = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)t->offsets + i)));
-    else if (t->offset == QN_OFF_MIN) *wo = scale16(t->offsets, t->scale, i);
+    *ws = scale16(c->scales, scale, i);
+    if (offset == QN_OFF_ZERO) *wz = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c->offsets + i)));
+    else if (offset == QN_OFF_MIN) *wo = scale16(c->offsets, scale, i);
 }
 
 /* ---- int path ---- */
 
-/* Scale the int32 block sums into the fp32 accumulators (block b, group gi). */
-#define QN_FLUSH_INT(MR, NP)                                                                       \
-    do {                                                                                           \
-        for (int p = 0; p < NP; p++) {                                                             \
-            __m512 wsv, wov = _mm512_setzero_ps();                                                 \
-            __m512i wzv = _mm512_setzero_si512();                                                  \
-            group_scales(t, p0 + p, gi, &wsv, &wzv, &wov);                                         \
-            for (int r = 0; r < MR; r++) {                                                         \
-                int64_t xb = (int64_t)(m0 + r) * t->ldxb + b;                                      \
-                __m512i dot = iacc[r][p];                                                          \
-                if (has_z) dot = _mm512_sub_epi32(dot, _mm512_mullo_epi32(wzv, _mm512_set1_epi32(t->xisum[xb]))); \
-                facc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),                              \
-                                             _mm512_mul_ps(wsv, _mm512_set1_ps(t->xd[xb])), facc[r][p]); \
-                if (has_o) facc[r][p] = _mm512_fmadd_ps(wov, _mm512_set1_ps(t->xsum[xb]), facc[r][p]); \
-                iacc[r][p] = _mm512_setzero_si512();                                               \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
+/* Scale the int32 block sums of MR rows x NP panels into the fp32 accumulators. */
+QN_INLINE void flush_int(__m512i iacc[4][4], __m512 facc[4][4], const qn_qtile *t, const scale_ctx *sc, int m0,
+                         int p0, int64_t b, int64_t gi, const int MR, const int NP, const int MODE) {
+    __m512 xdv[4], xsv[4];
+    __m512i zsv[4], isv[4];
+    const int has_o = sm_offset(sc, MODE) == QN_OFF_MIN;
+    const int32_t zconst = sm_zconst(sc, MODE);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+        int64_t xb = (int64_t)(m0 + r) * t->ldxb + b;
+        xdv[r] = _mm512_set1_ps(t->xd[xb]);
+        xsv[r] = _mm512_set1_ps(t->xsum[xb]);
+        isv[r] = _mm512_set1_epi32(t->xisum[xb]);
+        zsv[r] = _mm512_set1_epi32(zconst * t->xisum[xb]);
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+        __m512 wsv, wov = _mm512_setzero_ps();
+        __m512i wzv = _mm512_setzero_si512();
+        group_scales(sc, p0 + p, gi, &wsv, &wzv, &wov, MODE);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+            __m512i dot = iacc[r][p];
+            if (zconst) dot = _mm512_sub_epi32(dot, zsv[r]);
+            else if (!has_o) dot = _mm512_sub_epi32(dot, _mm512_mullo_epi32(wzv, isv[r]));
+            facc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wsv, xdv[r]), facc[r][p]);
+            if (has_o) facc[r][p] = _mm512_fmadd_ps(wov, xsv[r], facc[r][p]);
+            iacc[r][p] = _mm512_setzero_si512();
+        }
+    }
+}
 
 QN_INLINE void int_quads(__m512i iacc[4][4], const uint8_t *const *pc, const int8_t *const *xr,
                          int64_t c, int64_t cb, const int bits, const int MR, const int NP, const int qa,
                          const int qb) {
+#pragma GCC unroll 8
     for (int q = qa; q < qb; q++) {
         __m512i wv[4];
+#pragma GCC unroll 4
         for (int p = 0; p < NP; p++) wv[p] = quad_avx512(pc[p] + c * cb, bits, q);
+#pragma GCC unroll 4
         for (int r = 0; r < MR; r++) {
             int32_t x4;
             memcpy(&x4, xr[r] + c * 32 + q * 4, 4);
@@ -118,13 +192,14 @@ QN_INLINE void int_quads(__m512i iacc[4][4], const uint8_t *const *pc, const int
     }
 }
 
-QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const int MR, const int NP) {
+QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const int MR, const int NP,
+                        const int MODE) {
     const int64_t cb = QN_CHUNK_BYTES(bits), nchunks = t->Kp / QN_CHUNK;
     const uint8_t *pc[4];
     const int8_t *xr[4];
     __m512i iacc[4][4];
     __m512 facc[4][4];
-    const int has_o = t->offset == QN_OFF_MIN, has_z = !has_o;
+    const scale_ctx sc = make_scale_ctx(t);
     for (int p = 0; p < NP; p++) pc[p] = t->codes + (int64_t)(p0 + p) * t->panel_bytes;
     for (int r = 0; r < MR; r++) xr[r] = t->xq + (int64_t)(m0 + r) * t->ldxq;
     for (int r = 0; r < MR; r++)
@@ -135,25 +210,21 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
     if (t->fb == 16) {
         /* two blocks per chunk (group 16) */
         for (int64_t c = 0; c < nchunks; c++) {
-            int64_t b = 2 * c, gi = (16 * b) / t->group;
+            int64_t b = 2 * c, gi = b;
             int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 0, 4);
-            QN_FLUSH_INT(MR, NP);
-            b = 2 * c + 1;
-            gi = (16 * b) / t->group;
+            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
+            b = gi = 2 * c + 1;
             int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 4, 8);
-            QN_FLUSH_INT(MR, NP);
+            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
         }
     } else {
-        int64_t cpb = t->fb / QN_CHUNK; /* chunks per block */
-        int64_t nb = qn_ceil_div(nchunks, cpb);
+        /* blocks are whole groups (group <= 256) or slices of the one per-row group */
+        const int64_t cpb = t->fb / QN_CHUNK, nb = qn_ceil_div(nchunks, cpb);
+        const int one_group = t->n_groups == 1;
         for (int64_t b = 0; b < nb; b++) {
-            int64_t c1 = qn_min64((b + 1) * cpb, nchunks), gi = (b * t->fb) / t->group;
-            for (int64_t c = b * cpb; c < c1; c++) {
-                if (c + 2 < c1)
-                    for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(pc[p] + (c + 8) * cb), _MM_HINT_T0);
-                int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 0, 8);
-            }
-            QN_FLUSH_INT(MR, NP);
+            int64_t c1 = qn_min64((b + 1) * cpb, nchunks), gi = one_group ? 0 : b;
+            for (int64_t c = b * cpb; c < c1; c++) int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 0, 8);
+            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
         }
     }
     for (int r = 0; r < MR; r++)
@@ -163,43 +234,73 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
         }
 }
 
-#define QN_INT_VARIANTS(BITS)                                                                      \
-    static void int_tiles_##BITS(const qn_qtile *t) {                                             \
+#define QN_INT_VARIANTS(BITS, MODE)                                                                \
+    static void int_tiles_##BITS##_##MODE(const qn_qtile *t) {                                    \
         int m = 0;                                                                                 \
         for (; m + 4 <= t->mr; m += 4) {                                                           \
             int p = 0;                                                                             \
-            for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 4, 2);                          \
-            for (; p < t->np; p++) int_tile(t, m, p, BITS, 4, 1);                                  \
+            for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 4, 2, MODE);                    \
+            for (; p < t->np; p++) int_tile(t, m, p, BITS, 4, 1, MODE);                            \
         }                                                                                          \
         int rem = t->mr - m;                                                                       \
         int p = 0;                                                                                 \
         if (rem == 3) {                                                                            \
-            for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 3, 2);                          \
-            for (; p < t->np; p++) int_tile(t, m, p, BITS, 3, 1);                                  \
+            for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 3, 2, MODE);                    \
+            for (; p < t->np; p++) int_tile(t, m, p, BITS, 3, 1, MODE);                            \
         } else if (rem == 2) {                                                                     \
-            for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 2, 4);                          \
-            for (; p < t->np; p++) int_tile(t, m, p, BITS, 2, 1);                                  \
+            for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 2, 4, MODE);                    \
+            for (; p < t->np; p++) int_tile(t, m, p, BITS, 2, 1, MODE);                            \
         } else if (rem == 1) {                                                                     \
-            for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 1, 4);                          \
-            for (; p < t->np; p++) int_tile(t, m, p, BITS, 1, 1);                                  \
+            for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 1, 4, MODE);                    \
+            for (; p < t->np; p++) int_tile(t, m, p, BITS, 1, 1, MODE);                            \
         }                                                                                          \
     }
 
-QN_INT_VARIANTS(2)
-QN_INT_VARIANTS(3)
-QN_INT_VARIANTS(4)
-QN_INT_VARIANTS(5)
-QN_INT_VARIANTS(6)
-QN_INT_VARIANTS(8)
+QN_INT_VARIANTS(2, SM_GENERIC)
+QN_INT_VARIANTS(3, SM_GENERIC)
+QN_INT_VARIANTS(4, SM_GENERIC)
+QN_INT_VARIANTS(5, SM_GENERIC)
+QN_INT_VARIANTS(6, SM_GENERIC)
+QN_INT_VARIANTS(8, SM_GENERIC)
+QN_INT_VARIANTS(4, SM_F16_SYM)   /* q4_0, int4_g128 */
+QN_INT_VARIANTS(8, SM_F16_SYM)   /* q8_0 */
+QN_INT_VARIANTS(4, SM_F16_MIN)   /* q4_1 */
+QN_INT_VARIANTS(4, SM_F16_ZERO)  /* int4_g128_asym */
+QN_INT_VARIANTS(8, SM_F32_SYM)   /* int8 */
+QN_INT_VARIANTS(4, SM_KQ_U6)     /* q4_k */
+QN_INT_VARIANTS(5, SM_KQ_U6)     /* q5_k */
+QN_INT_VARIANTS(6, SM_KQ_I8)     /* q6_k */
+
+/* The compile-time scale mode of a tile, or SM_GENERIC. */
+static int scale_mode(const qn_qtile *t) {
+    if (t->scale == QN_SCALE_NESTED_U6) return SM_KQ_U6;
+    if (t->scale == QN_SCALE_NESTED_I8) return SM_KQ_I8;
+    if (t->scale == QN_SCALE_F32 && t->kind == QN_SYM) return SM_F32_SYM;
+    if (t->scale != QN_SCALE_F16) return SM_GENERIC;
+    if (t->kind == QN_SYM) return SM_F16_SYM;
+    return t->offset == QN_OFF_MIN ? SM_F16_MIN : SM_F16_ZERO;
+}
 
 void qn_qtile_int_avx512(const qn_qtile *t) {
+    int mode = scale_mode(t);
+    switch (t->bits * 16 + mode) {
+    case 4 * 16 + SM_F16_SYM: int_tiles_4_SM_F16_SYM(t); return;
+    case 8 * 16 + SM_F16_SYM: int_tiles_8_SM_F16_SYM(t); return;
+    case 4 * 16 + SM_F16_MIN: int_tiles_4_SM_F16_MIN(t); return;
+    case 4 * 16 + SM_F16_ZERO: int_tiles_4_SM_F16_ZERO(t); return;
+    case 8 * 16 + SM_F32_SYM: int_tiles_8_SM_F32_SYM(t); return;
+    case 4 * 16 + SM_KQ_U6: int_tiles_4_SM_KQ_U6(t); return;
+    case 5 * 16 + SM_KQ_U6: int_tiles_5_SM_KQ_U6(t); return;
+    case 6 * 16 + SM_KQ_I8: int_tiles_6_SM_KQ_I8(t); return;
+    default: break;
+    }
     switch (t->bits) {
-    case 2: int_tiles_2(t); break;
-    case 3: int_tiles_3(t); break;
-    case 4: int_tiles_4(t); break;
-    case 5: int_tiles_5(t); break;
-    case 6: int_tiles_6(t); break;
-    default: int_tiles_8(t); break;
+    case 2: int_tiles_2_SM_GENERIC(t); break;
+    case 3: int_tiles_3_SM_GENERIC(t); break;
+    case 4: int_tiles_4_SM_GENERIC(t); break;
+    case 5: int_tiles_5_SM_GENERIC(t); break;
+    case 6: int_tiles_6_SM_GENERIC(t); break;
+    default: int_tiles_8_SM_GENERIC(t); break;
     }
 }
 
@@ -260,7 +361,7 @@ QN_INLINE void lut_quads(__m512 gacc[4][4], const uint8_t *const *pc, const floa
         for (int p = 0; p < NP; p++) {                                                             \
             __m512 wsv, wov;                                                                       \
             __m512i wzv;                                                                           \
-            group_scales(t, p0 + p, gi, &wsv, &wzv, &wov);                                         \
+            group_scales(&sc, p0 + p, gi, &wsv, &wzv, &wov, SM_GENERIC);                                       \
             for (int r = 0; r < MR; r++) {                                                         \
                 facc[r][p] = _mm512_fmadd_ps(gacc[r][p], wsv, facc[r][p]);                         \
                 gacc[r][p] = _mm512_setzero_ps();                                                  \
@@ -274,6 +375,7 @@ QN_INLINE void lut_tile(const qn_qtile *t, int m0, int p0, const int bits, const
     const float *xr[4];
     __m512 gacc[4][4], facc[4][4];
     lut_regs L;
+    const scale_ctx sc = make_scale_ctx(t);
     const float *lut = t->lut;
     int kind = t->lut_kind;
     L.t0 = _mm512_loadu_ps(lut);
