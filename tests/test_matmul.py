@@ -27,11 +27,11 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": (np.dtype(np.float32), 0), "float16": (np.dtype(np.float16), 1), "bfloat16": (BF16, 2)}
 ISAS = ["ref", "avx2", "avx512"]
 
-# shapes (M, N, K): both formulations (M <= 8 dot, M > 8 gemm), primes, K off the SIMD
+# shapes (M, N, K): both formulations (M <= 32 dot, M > 32 gemm), primes, K off the SIMD
 # width, several K blocks (256) and column tiles (384), tails of every micro-kernel
 SHAPES = [(1, 1, 1), (1, 7, 5), (1, 131, 257), (2, 67, 33), (3, 50, 100), (5, 37, 47), (8, 65, 513),
-          (9, 17, 16), (9, 1, 300), (11, 49, 17), (17, 97, 255), (23, 385, 129), (31, 13, 1030),
-          (61, 400, 61), (270, 41, 37)]
+          (13, 17, 16), (13, 1, 300), (31, 49, 17), (32, 97, 255), (33, 97, 255), (39, 385, 129),
+          (45, 13, 1030), (61, 400, 61), (270, 41, 37)]
 
 
 def rand(shape, dtype, seed):
@@ -80,7 +80,7 @@ def test_matches_float64(M, N, K):
 
 @pytest.mark.parametrize("xdt", list(DTYPES))
 @pytest.mark.parametrize("wdt", list(DTYPES))
-@pytest.mark.parametrize("M,N,K", [(1, 131, 257), (4, 19, 31), (23, 385, 129)])
+@pytest.mark.parametrize("M,N,K", [(1, 131, 257), (4, 19, 31), (41, 385, 129)])
 def test_dtype_pairs(xdt, wdt, M, N, K):
     x, w = rand((M, K), DTYPES[xdt][0], 3), rand((N, K), DTYPES[wdt][0], 4)
     assert_close(matmul(x, w), x, w)
@@ -130,7 +130,7 @@ def test_strided_rows(M):
 def test_single_row_and_column():
     x, w = rand((1, 33), np.float16, 11), rand((1, 33), np.float32, 12)
     assert_close(matmul(x, w), x, w)
-    x2 = rand((50, 33), np.float32, 13)
+    x2 = rand((50, 33), np.float32, 13)  # gemm formulation
     assert_close(matmul(x2, w), x2, w)
 
 
@@ -164,9 +164,9 @@ def test_inputs_unchanged():
 
 
 def test_nonfinite_propagate():
-    x, w = rand((10, 40), np.float32, 19), rand((6, 40), np.float32, 20)
+    x, w = rand((40, 40), np.float32, 19), rand((6, 40), np.float32, 20)
     x[2, 5], x[4, 7], w[3, 9] = np.inf, np.nan, -np.inf
-    for m in (slice(0, 3), slice(0, 10)):  # dot and gemm formulations
+    for m in (slice(0, 3), slice(0, 40)):  # dot and gemm formulations
         y = matmul(np.ascontiguousarray(x[m]), w)
         with np.errstate(invalid="ignore"):
             ref = x[m].astype(np.float64) @ w.astype(np.float64).T

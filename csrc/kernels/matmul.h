@@ -23,16 +23,17 @@ extern "C" {
 /* Element types of x and w (same codes as the binding's QN_DT_F32/F16/BF16). */
 enum qn_mm_dtype { QN_MM_F32 = 0, QN_MM_F16 = 1, QN_MM_BF16 = 2 };
 
-/* Largest M that takes the dot (GEMV) formulation. */
-#define QN_MM_DOT_MAX_M 8
+/* Largest M that takes the dot formulation: up to here streaming w once from memory with
+ * several rows of x per pass beats packing it (measured crossover: M = 32 .. 64). */
+#define QN_MM_DOT_MAX_M 32
 /* GEMM blocking, shared by every ISA: K is walked in blocks of QN_MM_KC, a tile holds at
  * most QN_MM_NB columns (a multiple of every ISA's micro-panel width) and QN_MM_MB rows. */
 #define QN_MM_KC 256
 #define QN_MM_NB 384
 #define QN_MM_MB 256
-/* Floats of per-thread scratch a GEMM tile needs: the packed w panel [QN_MM_NB][QN_MM_KC]
- * and, when x is not fp32, its converted block [QN_MM_MB][QN_MM_KC]. */
-#define QN_MM_PANEL_FLOATS ((int64_t)QN_MM_NB * QN_MM_KC)
+/* Floats of per-thread scratch a GEMM tile needs: one packed micro-panel of w (at most 64
+ * columns x QN_MM_KC) and, when x is not fp32, its converted block [QN_MM_MB][QN_MM_KC]. */
+#define QN_MM_PANEL_FLOATS ((int64_t)64 * QN_MM_KC)
 #define QN_MM_XBLOCK_FLOATS ((int64_t)QN_MM_MB * QN_MM_KC)
 
 /* One tile of output for an inner kernel: rows [0, mr) x columns [0, nr) of the tile. */

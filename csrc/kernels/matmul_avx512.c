@@ -94,30 +94,30 @@ QN_INLINE void dot_block(const qn_mm_tile *t, int64_t m0, int64_t n0, const int 
         for (int r = 0; r < BR; r++) t->y[(m0 + i) * t->ldy + n0 + r] = hsum16(acc[i][r]);
 }
 
-/* Rows of w per block for BM rows of x: 16 streams for decode, then as many as registers allow. */
-#ifndef DOT_R1
-#define DOT_R1 16
-#endif
-#define DOT_R2 8
-#define DOT_R3 8
-#define DOT_R4 6
-
-QN_INLINE void dot_rows(const qn_mm_tile *t, int64_t m0, const int BM, const int BR, const int dt) {
-    int64_t n = 0;
-    for (; n + BR <= t->nr; n += BR) dot_block(t, m0, n, BM, BR, dt);
-    for (; n + 4 <= t->nr; n += 4) dot_block(t, m0, n, BM, 4, dt);
-    for (; n < t->nr; n++) dot_block(t, m0, n, BM, 1, dt);
-}
-
-QN_INLINE void dot_tile(const qn_mm_tile *t, const int dt) {
+/* All mr rows of x against BR rows of w at n0: the BR rows are read from memory by the first
+ * block of x rows and from cache by the others. */
+QN_INLINE void dot_cols(const qn_mm_tile *t, int64_t n0, const int BR, const int dt) {
     int64_t m = 0;
-    for (; m + 4 <= t->mr; m += 4) dot_rows(t, m, 4, DOT_R4, dt);
+    for (; m + 4 <= t->mr; m += 4) dot_block(t, m, n0, 4, BR, dt);
     switch (t->mr - m) {
-    case 3: dot_rows(t, m, 3, DOT_R3, dt); break;
-    case 2: dot_rows(t, m, 2, DOT_R2, dt); break;
-    case 1: dot_rows(t, m, 1, DOT_R1, dt); break;
+    case 3: dot_block(t, m, n0, 3, BR, dt); break;
+    case 2: dot_block(t, m, n0, 2, BR, dt); break;
+    case 1: dot_block(t, m, n0, 1, BR, dt); break;
     default: break;
     }
+}
+
+/* Rows of w per block: 8 streams in flight for decode; 6 when blocks of 4 x rows need
+ * 24 accumulators. */
+QN_INLINE void dot_tile(const qn_mm_tile *t, const int dt) {
+    int64_t n = 0;
+    if (t->mr >= 4) {
+        for (; n + 6 <= t->nr; n += 6) dot_cols(t, n, 6, dt);
+    } else {
+        for (; n + 8 <= t->nr; n += 8) dot_cols(t, n, 8, dt);
+    }
+    for (; n + 4 <= t->nr; n += 4) dot_cols(t, n, 4, dt);
+    for (; n < t->nr; n++) dot_cols(t, n, 1, dt);
 }
 
 void qn_matmul_dot_avx512(const qn_mm_tile *t) {
@@ -156,33 +156,37 @@ QN_INLINE void transpose16(__m512 r[16]) {
     }
 }
 
-/* panel[j][k][NR] = w[j * NR + c][k0 + k] for c < NR, k < kc; columns >= nr are zero. */
-QN_INLINE void pack_w(float *QN_RESTRICT panel, const qn_mm_tile *t, int64_t k0, int64_t kc, const int dt) {
-    const int64_t wsz = dt == QN_MM_F32 ? 4 : 2;
-    int64_t ngroups = qn_ceil_div(t->nr, 16);
-    for (int64_t g = 0; g < ngroups; g++) {
-        float *dst = panel + (g / 3) * kc * NR + (g % 3) * 16;
-        const char *w0 = (const char *)t->w + (g * 16 * t->ldw + k0) * wsz;
-        int rows = (int)qn_min64(16, t->nr - g * 16);
+/* One micro-panel: dst[k][c] = w[n0 + c][k0 + k] for c < NR, k < kc, zero for c >= ncols.
+ * Meanwhile the rows [pn0, pn0 + pcols) at inputs [pk0, pk0 + pkc) (the next micro-panel)
+ * are prefetched towards L2, so their memory traffic overlaps this panel's compute. */
+QN_INLINE void pack_panel(float *QN_RESTRICT dst, const qn_mm_tile *t, int64_t n0, int64_t ncols, int64_t k0,
+                          int64_t kc, int64_t pn0, int64_t pcols, int64_t pk0, int64_t pkc, const int dt) {
+    const int64_t wsz = dt == QN_MM_F32 ? 4 : 2, ldb = t->ldw * wsz;
+    for (int g = 0; g < NR / 16; g++) {
+        int rows = (int)qn_max64(0, qn_min64(16, ncols - 16 * g));
+        int prows = (int)qn_max64(0, qn_min64(16, pcols - 16 * g));
+        const char *w0 = (const char *)t->w + ((n0 + 16 * g) * t->ldw + k0) * wsz;
+        const char *p0 = (const char *)t->w + ((pn0 + 16 * g) * t->ldw + pk0) * wsz;
+        float *d = dst + 16 * g;
+        if (rows == 0) {
+            for (int64_t k = 0; k < kc; k++) _mm512_store_ps(d + k * NR, _mm512_setzero_ps());
+            continue;
+        }
         for (int64_t kb = 0; kb < kc; kb += 16) {
             int64_t kn = qn_min64(16, kc - kb);
+            if (kb < pkc && (kb * wsz) % 64 == 0)
+                for (int i = 0; i < prows; i++) _mm_prefetch(p0 + i * ldb + kb * wsz, _MM_HINT_T1);
             __m512 r[16];
             if (kn == 16) {
-                for (int i = 0; i < rows; i++) r[i] = load16(w0 + i * t->ldw * wsz, dt, kb);
+                for (int i = 0; i < rows; i++) r[i] = load16(w0 + i * ldb, dt, kb);
             } else {
                 __mmask16 mk = tail_mask(kn);
-                for (int i = 0; i < rows; i++) r[i] = load16_mask(w0 + i * t->ldw * wsz, dt, kb, mk);
+                for (int i = 0; i < rows; i++) r[i] = load16_mask(w0 + i * ldb, dt, kb, mk);
             }
             for (int i = rows; i < 16; i++) r[i] = _mm512_setzero_ps();
             transpose16(r);
-            for (int64_t kk = 0; kk < kn; kk++) _mm512_store_ps(dst + (kb + kk) * NR, r[kk]);
+            for (int64_t kk = 0; kk < kn; kk++) _mm512_store_ps(d + (kb + kk) * NR, r[kk]);
         }
-    }
-    /* a last micro-panel narrower than NR: zero its unused column groups */
-    int64_t gend = qn_round_up(ngroups, 3);
-    for (int64_t g = ngroups; g < gend; g++) {
-        float *dst = panel + (g / 3) * kc * NR + (g % 3) * 16;
-        for (int64_t k = 0; k < kc; k++) _mm512_store_ps(dst + k * NR, _mm512_setzero_ps());
     }
 }
 
@@ -234,11 +238,6 @@ void qn_matmul_gemm_avx512(const qn_mm_tile *t) {
     int64_t npan = qn_ceil_div(t->nr, NR);
     for (int64_t k0 = 0; k0 < t->K; k0 += QN_MM_KC) {
         int64_t kc = qn_min64(QN_MM_KC, t->K - k0);
-        switch (t->wdtype) {
-        case QN_MM_F16: pack_w(t->panel, t, k0, kc, QN_MM_F16); break;
-        case QN_MM_BF16: pack_w(t->panel, t, k0, kc, QN_MM_BF16); break;
-        default: pack_w(t->panel, t, k0, kc, QN_MM_F32); break;
-        }
         const float *xb;
         int64_t ldxb;
         if (t->xdtype == QN_MM_F32) {
@@ -251,11 +250,24 @@ void qn_matmul_gemm_avx512(const qn_mm_tile *t) {
             xb = t->xblock;
             ldxb = QN_MM_KC;
         }
-        for (int64_t i0 = 0; i0 < t->mr; i0 += MR) {
-            int bm = (int)qn_min64(MR, t->mr - i0);
-            for (int64_t j = 0; j < npan; j++)
-                ukernel_any(t->y + i0 * t->ldy + j * NR, t->ldy, xb + i0 * ldxb, ldxb, t->panel + j * kc * NR, kc,
-                            k0 == 0, qn_min64(NR, t->nr - j * NR), bm);
+        for (int64_t j = 0; j < npan; j++) {
+            /* next micro-panel: the following columns, or the first ones of the next K block */
+            int64_t ncols = qn_min64(NR, t->nr - j * NR);
+            int64_t pn0 = (j + 1) * NR, pk0 = k0, pkc = kc;
+            if (j + 1 == npan) {
+                pn0 = 0;
+                pk0 = k0 + QN_MM_KC;
+                pkc = qn_max64(0, qn_min64(QN_MM_KC, t->K - pk0));
+            }
+            int64_t pcols = qn_min64(NR, t->nr - pn0);
+            switch (t->wdtype) {
+            case QN_MM_F16: pack_panel(t->panel, t, j * NR, ncols, k0, kc, pn0, pcols, pk0, pkc, QN_MM_F16); break;
+            case QN_MM_BF16: pack_panel(t->panel, t, j * NR, ncols, k0, kc, pn0, pcols, pk0, pkc, QN_MM_BF16); break;
+            default: pack_panel(t->panel, t, j * NR, ncols, k0, kc, pn0, pcols, pk0, pkc, QN_MM_F32); break;
+            }
+            for (int64_t i0 = 0; i0 < t->mr; i0 += MR)
+                ukernel_any(t->y + i0 * t->ldy + j * NR, t->ldy, xb + i0 * ldxb, ldxb, t->panel, kc, k0 == 0, ncols,
+                            (int)qn_min64(MR, t->mr - i0));
         }
     }
 }

@@ -145,10 +145,12 @@ int main(void) {
     qn_dispatch_init();
     printf("best ISA: %s\n", qn_isa_name(qn_cpu_best_isa()));
     test_errors();
+    /* dot formulation up to M = 32 (blocks of 4 x rows, 6 or 8 w rows, tails of each),
+     * gemm above (8-row micro-kernels and their 1..7-row tails, several K blocks and tiles) */
     static const int64_t shapes[][3] = {
-        {1, 1, 1},    {1, 7, 5},     {1, 64, 16},   {1, 131, 257},  {2, 67, 33},    {3, 50, 100},
-        {4, 19, 31},  {5, 37, 47},   {7, 129, 15},  {8, 65, 513},   {9, 17, 16},    {9, 1, 300},
-        {11, 49, 17}, {16, 48, 256}, {17, 97, 255}, {23, 385, 129}, {31, 13, 1030}, {61, 400, 61},
+        {1, 1, 1},     {1, 7, 5},      {1, 64, 16},   {1, 131, 257}, {2, 67, 33},    {3, 50, 100},
+        {4, 19, 31},   {5, 37, 47},    {7, 129, 15},  {8, 65, 513},  {13, 1, 300},   {30, 17, 16},
+        {31, 49, 17},  {32, 48, 256},  {33, 97, 255}, {39, 385, 129}, {45, 13, 1030}, {61, 400, 61},
         {270, 41, 37}, {100, 101, 3},
     };
     int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
