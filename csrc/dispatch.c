@@ -19,6 +19,9 @@ int qn_dispatch_set_isa(int isa) {
         d.qtile_lut = qn_qtile_lut_avx512;
         d.quant_act = qn_quantize_act_row_avx512;
     }
+    d.mm_dot = isa >= QN_ISA_AVX512 ? qn_matmul_dot_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_dot_avx2 : qn_matmul_dot_ref;
+    d.mm_gemm = isa >= QN_ISA_AVX512 ? qn_matmul_gemm_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_gemm_avx2 : qn_matmul_gemm_ref;
+    d.mm_cvt = isa >= QN_ISA_AVX512 ? qn_matmul_cvt_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_cvt_avx2 : qn_matmul_cvt_ref;
     qn_kernels = d;
     return isa;
 }

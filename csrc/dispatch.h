@@ -5,6 +5,7 @@
 
 #include "cpu_features.h"
 #include "kernels/qmatmul.h"
+#include "kernels/matmul.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -18,6 +19,9 @@ typedef struct qn_dispatch {
     qn_qtile_fn qtile_int;
     qn_qtile_fn qtile_lut;
     qn_quant_act_fn quant_act;
+    qn_mm_tile_fn mm_dot;          /* float matmul, dot (GEMV) tiles */
+    qn_mm_tile_fn mm_gemm;         /* float matmul, packed GEMM tiles */
+    qn_mm_cvt_fn mm_cvt;           /* fp16 / bf16 rows to fp32 */
 } qn_dispatch;
 
 extern qn_dispatch qn_kernels;
