@@ -13,7 +13,7 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c")
 def test_c_kernels(sanitize, tmp_path):
     build = str(tmp_path / "build")
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:halt_on_error=1", UBSAN_OPTIONS="halt_on_error=1")
-    r = subprocess.run(["make", "-s", "-C", HERE, f"SANITIZE={sanitize}", f"BUILD={build}", "run"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(["make", "-s", "-j2", "-C", HERE, f"SANITIZE={sanitize}", f"BUILD={build}", "run"],
+                       capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "FAIL" not in r.stdout + r.stderr

@@ -242,15 +242,14 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
             for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 4, 2, MODE);                    \
             for (; p < t->np; p++) int_tile(t, m, p, BITS, 4, 1, MODE);                            \
         }                                                                                          \
-        int rem = t->mr - m;                                                                       \
-        int p = 0;                                                                                 \
-        if (rem == 3) {                                                                            \
-            for (; p + 2 <= t->np; p += 2) int_tile(t, m, p, BITS, 3, 2, MODE);                    \
-            for (; p < t->np; p++) int_tile(t, m, p, BITS, 3, 1, MODE);                            \
-        } else if (rem == 2) {                                                                     \
+        if (m + 2 <= t->mr) {                                                                      \
+            int p = 0;                                                                             \
             for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 2, 4, MODE);                    \
             for (; p < t->np; p++) int_tile(t, m, p, BITS, 2, 1, MODE);                            \
-        } else if (rem == 1) {                                                                     \
+            m += 2;                                                                                \
+        }                                                                                          \
+        if (m < t->mr) {                                                                           \
+            int p = 0;                                                                             \
             for (; p + 4 <= t->np; p += 4) int_tile(t, m, p, BITS, 1, 4, MODE);                    \
             for (; p < t->np; p++) int_tile(t, m, p, BITS, 1, 1, MODE);                            \
         }                                                                                          \
@@ -262,6 +261,9 @@ QN_INT_VARIANTS(4, SM_GENERIC)
 QN_INT_VARIANTS(5, SM_GENERIC)
 QN_INT_VARIANTS(6, SM_GENERIC)
 QN_INT_VARIANTS(8, SM_GENERIC)
+/* QN_FEW_VARIANTS (sanitizer builds) keeps only the generic mode: the same indexing code,
+ * a fraction of the compile time. */
+#ifndef QN_FEW_VARIANTS
 QN_INT_VARIANTS(4, SM_F16_SYM)   /* q4_0, int4_g128 */
 QN_INT_VARIANTS(8, SM_F16_SYM)   /* q8_0 */
 QN_INT_VARIANTS(4, SM_F16_MIN)   /* q4_1 */
@@ -270,7 +272,9 @@ QN_INT_VARIANTS(8, SM_F32_SYM)   /* int8 */
 QN_INT_VARIANTS(4, SM_KQ_U6)     /* q4_k */
 QN_INT_VARIANTS(5, SM_KQ_U6)     /* q5_k */
 QN_INT_VARIANTS(6, SM_KQ_I8)     /* q6_k */
+#endif
 
+#ifndef QN_FEW_VARIANTS
 /* The compile-time scale mode of a tile, or SM_GENERIC. */
 static int scale_mode(const qn_qtile *t) {
     if (t->scale == QN_SCALE_NESTED_U6) return SM_KQ_U6;
@@ -280,10 +284,11 @@ static int scale_mode(const qn_qtile *t) {
     if (t->kind == QN_SYM) return SM_F16_SYM;
     return t->offset == QN_OFF_MIN ? SM_F16_MIN : SM_F16_ZERO;
 }
+#endif
 
 void qn_qtile_int_avx512(const qn_qtile *t) {
-    int mode = scale_mode(t);
-    switch (t->bits * 16 + mode) {
+#ifndef QN_FEW_VARIANTS
+    switch (t->bits * 16 + scale_mode(t)) {
     case 4 * 16 + SM_F16_SYM: int_tiles_4_SM_F16_SYM(t); return;
     case 8 * 16 + SM_F16_SYM: int_tiles_8_SM_F16_SYM(t); return;
     case 4 * 16 + SM_F16_MIN: int_tiles_4_SM_F16_MIN(t); return;
@@ -294,6 +299,7 @@ void qn_qtile_int_avx512(const qn_qtile *t) {
     case 6 * 16 + SM_KQ_I8: int_tiles_6_SM_KQ_I8(t); return;
     default: break;
     }
+#endif
     switch (t->bits) {
     case 2: int_tiles_2_SM_GENERIC(t); break;
     case 3: int_tiles_3_SM_GENERIC(t); break;
