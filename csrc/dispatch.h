@@ -4,6 +4,7 @@
 #define QN_DISPATCH_H
 
 #include "cpu_features.h"
+#include "kernels/attention.h"
 #include "kernels/qmatmul.h"
 
 #ifdef __cplusplus
@@ -18,6 +19,7 @@ typedef struct qn_dispatch {
     qn_qtile_fn qtile_int;
     qn_qtile_fn qtile_lut;
     qn_quant_act_fn quant_act;
+    qn_attn_tile_fn attn_tile;
 } qn_dispatch;
 
 extern qn_dispatch qn_kernels;

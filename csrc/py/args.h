@@ -54,5 +54,7 @@ PyObject *qn_py_pack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nar
 PyObject *qn_py_unpack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

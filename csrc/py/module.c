@@ -90,6 +90,11 @@ static PyMethodDef methods[] = {
      "qmatmul(x, xdtype, fmt, N, K, codes, scales, offsets, supers, super_mins, out) -> out"},
     {"matmul", (PyCFunction)(void (*)(void))qn_py_matmul, METH_FASTCALL,
      "matmul(x, xdtype, w, wdtype, out) -> out"},
+    {"attention", (PyCFunction)(void (*)(void))qn_py_attention, METH_FASTCALL,
+     "attention(q, k, v, dtype, causal, window, softcap, scale, cu_q, cu_k, out) -> out[T, H, D]"},
+    {"paged_attention", (PyCFunction)(void (*)(void))qn_py_paged_attention, METH_FASTCALL,
+     "paged_attention(q, k_cache, v_cache, k_scale, v_scale, qdtype, kvdtype, block_tables, seq_lens, scale, "
+     "softcap, out) -> out[B, H, D]"},
     {NULL, NULL, 0, NULL},
 };
 

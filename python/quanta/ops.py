@@ -85,3 +85,61 @@ def matmul(x: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np
     out2 = out if (out is None or out.ndim == 2) else out.reshape(-1, N)
     y = _C.matmul(x2, xdt, w, wdt, out2)
     return out if out is not None else y.reshape(x.shape[:-1] + (N,))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True, window: Optional[int] = None,
+              softcap: Optional[float] = None, scale: Optional[float] = None,
+              cu_seqlens_q: Optional[np.ndarray] = None, cu_seqlens_k: Optional[np.ndarray] = None,
+              out: Optional[np.ndarray] = None, backend: str = "auto") -> np.ndarray:
+    """Flash attention (prefill): o[T, H, D] = softmax(mask(scale * q k^T)) v, float32 output.
+
+    q: [T, H, D]; k, v: [S, Hkv, D], C-contiguous, all float32, all float16 or all bfloat16
+    (ml_dtypes.bfloat16); H must be a multiple of Hkv (GQA; Hkv = 1 is MQA): query head h
+    uses KV head h // (H // Hkv). Products and sums run in float32; the output is float32.
+    Any D works; D = 64, 80, 96, 128, 256 have specialized kernels.
+
+    Mask (per sequence with Tq queries and Sk keys): query i sits at position
+    p = i + Sk - Tq (aligned bottom-right, so the last query is the last key's position)
+    and sees key j when
+        causal:          j <= p
+        window=w (>= 0): j >= p - w, and also j <= p + w when causal=False.
+    A query that sees no key (e.g. causal with Sk < Tq) gives a row of zeros, never NaN.
+    softcap=c (> 0): logits s = scale * q.k become c * tanh(s / c) before the softmax.
+    scale: default 1 / sqrt(D).
+    cu_seqlens_q, cu_seqlens_k: int32 [n_seq + 1], non-decreasing from 0 to T and S: a varlen
+    batch where sequence s owns queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys
+    cu_seqlens_k[s]:cu_seqlens_k[s+1] and attends only within itself.
+    out: optional float32 [T, H, D] to write into (must not overlap the inputs).
+    backend: "auto" (C kernels) or "reference" (float64 NumPy, for tests).
+    Tiles of 64 queries x 64 keys with an online softmax: T x S is never materialized; work
+    is split over (sequence, query tile, head) across threads; results do not depend on the
+    thread count.
+    """
+    op = "attention"
+    dt = _dtype_code(op, "q", q)
+    for name, a in (("k", k), ("v", v)):
+        if _dtype_code(op, name, a) != dt:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {a.dtype} with shape {a.shape}")
+    if window is not None and (not isinstance(window, (int, np.integer)) or window < 0):
+        raise ValueError(f"{op}: window must be None or an int >= 0, got {window!r}")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"{op}: softcap must be None or > 0, got {softcap!r}")
+    if q.ndim != 3:
+        raise ValueError(f"{op}: q must have shape (T, H, D), got {q.dtype} with shape {q.shape}")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(q.shape[2])) if q.shape[2] else 1.0
+    if backend == "reference":
+        for name, a in (("k", k), ("v", v)):
+            if a.ndim != 3 or a.shape[2] != q.shape[2] or q.shape[1] % max(a.shape[1], 1) or a.shape[1] == 0:
+                raise ValueError(f"{op}: {name} must have shape (S, Hkv, {q.shape[2]}) with H % Hkv == 0, "
+                                 f"got {a.shape}")
+        o = reference.attention(q, k, v, causal, window, softcap, scale, cu_seqlens_q, cu_seqlens_k)
+        o = o.astype(np.float32)
+        if out is not None:
+            out[...] = o
+            return out
+        return o
+    if backend != "auto":
+        raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
+    return _C.attention(q, k, v, dt, int(bool(causal)), -1 if window is None else int(window),
+                        0.0 if softcap is None else float(softcap), float(scale), cu_seqlens_q, cu_seqlens_k, out)
