@@ -231,3 +231,181 @@ def test_against_torch_sdpa(rng, H, Hkv):
             with torch.no_grad():
                 ref2 = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)[0].permute(1, 0, 2)
             assert_close(o, ref2.numpy(), "attention_torch", "torch is_causal")
+
+
+# ---- paged KV cache and decode ----
+
+KV_DTYPES = ["float32", "float16", "bfloat16", "int8", "fp8_e4m3"]
+
+
+def filled_cache(rng, dtype, lens, Hkv=2, D=64, block_size=16, n_blocks=None, n_layers=2, layer=1, chunks=3):
+    """A cache holding len(lens) sequences (ids 0..), each appended in a few chunks at `layer`."""
+    need = sum(-(-n // block_size) for n in lens)
+    c = quanta.KVCache(n_layers, n_blocks or need + 3, block_size, Hkv, D, dtype)
+    for s, n in enumerate(lens):
+        c.add_sequence(s)
+        for part in np.array_split(np.arange(n), chunks):
+            c.append(layer, s, rng.standard_normal((len(part), Hkv, D)).astype(np.float32),
+                     rng.standard_normal((len(part), Hkv, D)).astype(np.float32))
+    return c
+
+
+def gathered(cache, layer, seq_id):
+    """float32 k, v [n, Hkv, D] of one sequence, dequantized."""
+    k, v = cache.dequantized(layer)
+    n = int(cache.seq_lens([seq_id], layer)[0])
+    ids = cache.block_tables([seq_id])[0][: -(-n // cache.block_size)]
+    return (k[ids].reshape(-1, *k.shape[2:])[:n].astype(np.float32),
+            v[ids].reshape(-1, *v.shape[2:])[:n].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_paged_vs_reference_and_prefill(rng, isa, dtype):
+    lens = [1, 5, 16, 17, 0, 700, 1100]  # shorter than a block, empty, several 512-key splits
+    c = filled_cache(rng, dtype, lens)
+    ids = list(range(len(lens)))
+    bt, sl = c.block_tables(ids), c.seq_lens(ids, 1)
+    q = rng.standard_normal((len(lens), 8, 64)).astype(np.float32)
+    copies = [a.copy() for a in (q, bt, sl, c.k[1], c.v[1])]
+    o = quanta.ops.paged_attention(q, c, 1, bt, sl)
+    for a, b in zip((q, bt, sl, c.k[1], c.v[1]), copies):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert_close(o, quanta.ops.paged_attention(q, c, 1, bt, sl, backend="reference"), "attention", f"{dtype} {isa}")
+    assert np.all(o[4] == 0)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        k, v = gathered(c, 1, b)
+        ref = quanta.ops.attention(q[b][None], k, v, causal=True)[0]
+        assert_close(o[b], ref, "paged_vs_prefill", f"{dtype} seq {b} (len {n}) {isa}")
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(4, 4, 64), (8, 2, 128), (16, 2, 80), (8, 1, 96), (4, 1, 72), (6, 3, 33),
+                                     (4, 2, 256)])
+def test_paged_gqa_and_head_dims(rng, isa, H, Hkv, D):
+    lens = [3, 530]
+    for dtype in ("float16", "int8"):
+        c = filled_cache(rng, dtype, lens, Hkv=Hkv, D=D, block_size=32)
+        ids = [0, 1]
+        q = rng.standard_normal((2, H, D)).astype(np.float16)
+        o = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1))
+        r = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1), backend="reference")
+        assert_close(o, r, "attention", f"H={H} Hkv={Hkv} D={D} {dtype} {isa}")
+
+
+def test_paged_softcap_and_large_logits(rng, isa):
+    c = filled_cache(rng, "float32", [40, 600])
+    ids = [0, 1]
+    q = (rng.standard_normal((2, 4, 64)) * 1e3).astype(np.float32)  # logits of order 1e4
+    for softcap in (None, 20.0):
+        o = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1), softcap=softcap)
+        assert np.all(np.isfinite(o))
+        r = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1), softcap=softcap,
+                                       backend="reference")
+        assert_close(o, r, "attention", f"softcap={softcap} {isa}")
+
+
+def test_paged_threads_do_not_change_results(rng, threads):
+    c = filled_cache(rng, "int8", [1500])
+    q = rng.standard_normal((1, 8, 64)).astype(np.float32)
+    outs = []
+    for n in (1, 2, 3):
+        quanta.set_num_threads(n)
+        outs.append(quanta.ops.paged_attention(q, c, 1, c.block_tables([0]), c.seq_lens([0], 1)))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+def test_quantized_append_policy(rng, dtype):
+    c = quanta.KVCache(1, 4, 8, 2, 16, dtype)
+    c.add_sequence("a")
+    big = rng.standard_normal((3, 2, 16)).astype(np.float32) * 4
+    c.append(0, "a", big, big)
+    codes, scale = c.k[0][0, :3].copy(), c.k_scale[0][0].copy()
+    small = big[:2] * 0.1  # fits the current scale: earlier codes stay exact
+    c.append(0, "a", small, small)
+    np.testing.assert_array_equal(c.k[0][0, :3].view(np.uint8), codes.view(np.uint8))
+    np.testing.assert_array_equal(c.k_scale[0][0], scale)
+    huge = big[:1] * 10  # needs a larger scale: earlier rows are requantized
+    c.append(0, "a", huge, huge)
+    assert np.all(c.k_scale[0][0] > scale)
+    k, _ = c.dequantized(0)
+    want = np.concatenate([big, small, huge])
+    step = c.k_scale[0][0][None, :, None]
+    rel = 0.5 if dtype == "int8" else 0.0625 * 448  # half a step (int8); e4m3 relative half-ulp
+    err = np.abs(k[0, :6] - want)
+    bound = (2 * rel * step) if dtype == "int8" else np.maximum(2 * 0.0625 * np.abs(want), 2 * step * 2 ** -9 * 448)
+    assert np.all(err <= bound + 1e-6), err.max()
+    # accuracy vs the float keys
+    assert np.linalg.norm(k[0, :6] - want) / np.linalg.norm(want) < (0.02 if dtype == "int8" else 0.06)
+
+
+def test_cache_allocator_and_full_error(rng):
+    c = quanta.KVCache(2, 3, 4, 1, 8, np.float16)
+    c.add_sequence(7)
+    x = rng.standard_normal((9, 1, 8)).astype(np.float32)
+    c.append(0, 7, x, x)
+    assert c.free_blocks == 0 and c.seq_lens([7], 0)[0] == 9
+    before = [a.copy() for a in c.k + c.v]
+    c.add_sequence(8)
+    with pytest.raises(quanta.KVCacheFullError, match="blocks"):
+        c.append(0, 8, x[:1], x[:1])
+    with pytest.raises(MemoryError, match="nothing was written"):
+        c.append(0, 7, x[:4], x[:4])  # 13 tokens need a 4th block
+    for a, b in zip(c.k + c.v, before):
+        np.testing.assert_array_equal(a, b)
+    assert c.seq_lens([7, 8], 0).tolist() == [9, 0]
+    c.append(0, 7, x[:3], x[:3])  # fills the last block exactly
+    assert c.seq_lens([7], 0)[0] == 12
+    c.append(1, 7, x[:2], x[:2])  # another layer reuses the sequence's blocks
+    assert c.seq_lens([7], 1)[0] == 2 and c.free_blocks == 0
+    c.free_sequence(7)
+    assert c.free_blocks == 3
+    c.append(0, 8, x, x)
+    assert c.block_tables([8]).tolist() == [[0, 1, 2]]
+    with pytest.raises(KeyError):
+        c.append(0, 7, x, x)
+    with pytest.raises(ValueError, match="already exists"):
+        c.add_sequence(8)
+    with pytest.raises(ValueError, match="k must have shape"):
+        c.append(0, 8, x[:, :, :4], x)
+    with pytest.raises(ValueError, match="layer"):
+        c.append(2, 8, x, x)
+    with pytest.raises(TypeError, match="dtype"):
+        quanta.KVCache(1, 1, 1, 1, 1, np.int16)
+
+
+def test_paged_bad_arguments(rng):
+    c = filled_cache(rng, "float16", [20, 3], Hkv=2, D=32, block_size=8)
+    ids = [0, 1]
+    bt, sl = c.block_tables(ids), c.seq_lens(ids, 1)
+    q = rng.standard_normal((2, 4, 32)).astype(np.float32)
+    quanta.ops.paged_attention(q, c, 1, bt, sl)
+    bad = bt.copy()
+    bad[0, 1] = c.n_blocks
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\]"):
+        quanta.ops.paged_attention(q, c, 1, bad, sl)
+    bad[0, 1] = -1
+    with pytest.raises(ValueError, match="block_tables"):
+        quanta.ops.paged_attention(q, c, 1, bad, sl)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\]"):
+        quanta.ops.paged_attention(q, c, 1, bt, np.array([20, 100], np.int32))
+    with pytest.raises(ValueError, match="seq_lens"):
+        quanta.ops.paged_attention(q, c, 1, bt, np.array([-1, 3], np.int32))
+    with pytest.raises(TypeError, match="block_tables"):
+        quanta.ops.paged_attention(q, c, 1, bt.astype(np.int64), sl)
+    with pytest.raises(TypeError, match="seq_lens"):
+        quanta.ops.paged_attention(q, c, 1, bt, [20, 3])
+    with pytest.raises(ValueError, match="seq_lens"):
+        quanta.ops.paged_attention(q, c, 1, bt, sl[:1])
+    with pytest.raises(ValueError, match="Hkv"):
+        quanta.ops.paged_attention(rng.standard_normal((2, 3, 32)).astype(np.float32), c, 1, bt, sl)
+    with pytest.raises(ValueError, match="q"):
+        quanta.ops.paged_attention(rng.standard_normal((2, 4, 16)).astype(np.float32), c, 1, bt, sl)
+    with pytest.raises(TypeError, match="q"):
+        quanta.ops.paged_attention(q.astype(np.float64), c, 1, bt, sl)
+    with pytest.raises(ValueError, match="layer"):
+        quanta.ops.paged_attention(q, c, 5, bt, sl)
+    with pytest.raises(TypeError, match="cache"):
+        quanta.ops.paged_attention(q, None, 1, bt, sl)

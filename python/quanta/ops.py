@@ -143,3 +143,52 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True, 
         raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
     return _C.attention(q, k, v, dt, int(bool(causal)), -1 if window is None else int(window),
                         0.0 if softcap is None else float(softcap), float(scale), cu_seqlens_q, cu_seqlens_k, out)
+
+
+def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, seq_lens: np.ndarray,
+                    out: Optional[np.ndarray] = None, scale: Optional[float] = None,
+                    softcap: Optional[float] = None, backend: str = "auto") -> np.ndarray:
+    """Decode attention over a paged KV cache: o[B, H, D], float32.
+
+    q: [B, H, D] float32, float16 or bfloat16, one query token per sequence; H must be a
+    multiple of the cache's Hkv (query head h reads KV head h // (H // Hkv)).
+    cache: a `quanta.KVCache`; layer: which of its layers. Sequence b attends to its first
+    seq_lens[b] keys (all of them: the query is the newest position, so the causal mask
+    keeps every stored key), found in blocks block_tables[b, 0 .. ceil(seq_lens[b] /
+    block_size) - 1] of the cache (key j at block_tables[b, j // block_size], row
+    j % block_size).
+    block_tables: int32 [B, max_blocks] (e.g. cache.block_tables(ids)); entries past a
+    sequence's blocks are ignored, used ones must lie in [0, n_blocks).
+    seq_lens: int32 [B] in [0, max_blocks * block_size]; a sequence with 0 keys gives zeros.
+    int8 / fp8 caches are dequantized on the fly (code * per-block, per-head scale).
+    scale: default 1 / sqrt(D); softcap as in `attention`; out: optional float32 [B, H, D].
+    Flash-decoding: each sequence's keys are split in chunks of 512 processed in parallel
+    (so one long sequence uses every core), then the partial softmaxes are merged in chunk
+    order; results do not depend on the thread count.
+    """
+    from .kv_cache import KVCache
+    op = "paged_attention"
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"{op}: cache must be a quanta.KVCache, got {type(cache).__name__}")
+    qdt = _dtype_code(op, "q", q)
+    if not isinstance(layer, (int, np.integer)) or not 0 <= layer < cache.n_layers:
+        raise ValueError(f"{op}: layer must be in [0, {cache.n_layers}), got {layer!r}")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"{op}: softcap must be None or > 0, got {softcap!r}")
+    D = cache.head_dim
+    if q.ndim != 3 or q.shape[2] != D:
+        raise ValueError(f"{op}: q must have shape (B, H, {D}) (the cache's head_dim), got {q.dtype} with shape {q.shape}")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(D))
+    if backend == "reference":
+        k, v = cache.dequantized(layer)
+        o = reference.paged_attention(q, k, v, block_tables, seq_lens, scale, softcap).astype(np.float32)
+        if out is not None:
+            out[...] = o
+            return out
+        return o
+    if backend != "auto":
+        raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
+    k, v, ks, vs = cache.kernel_arrays(layer)
+    return _C.paged_attention(q, k, v, ks, vs, qdt, cache.kv_code, block_tables, seq_lens, float(scale),
+                              0.0 if softcap is None else float(softcap), out)
