@@ -5,8 +5,9 @@
  * run with `omp for schedule(dynamic)`: each item is computed by one thread in a fixed
  * order, so the result does not depend on the thread count.
  * Paged decode: q[B, H, D] against a block-table cache; each sequence's keys are cut into
- * splits of QN_ATTN_SPLIT (fixed), items are (split, KV head, rows of its G = H / Hkv query
- * heads), and a second parallel loop merges the splits' (m, l, o) in split order.
+ * splits of QN_ATTN_SPLIT (fixed); an item is one split for all heads (one tile of Hkv KV
+ * heads x G query rows, reading the cache's blocks front to back), and a second parallel
+ * loop merges the splits' (m, l, o) in split order.
  */
 #include "attention.h"
 
@@ -49,8 +50,8 @@ static inline float load_el(const void *base, int dt, int64_t i) {
     }
 }
 
-int64_t qn_attn_tile_scratch_floats(int64_t Dp) {
-    return 2 * QN_ATTN_BK * Dp + QN_ATTN_BQ * QN_ATTN_BK + QN_ATTN_BQ + 16;
+int64_t qn_attn_tile_scratch_floats(int64_t Dp, int64_t nh) {
+    return 2 * nh * QN_ATTN_BK * Dp + QN_ATTN_BQ * QN_ATTN_BK + QN_ATTN_BQ + 16;
 }
 
 /* ---- reference tile kernel: one row at a time, one key at a time ---- */
@@ -63,28 +64,36 @@ static float kv_at(const qn_attn_tile *t, const void *base, const float *sc, int
 }
 
 void qn_attn_tile_ref(const qn_attn_tile *t) {
-    for (int r = 0; r < t->R; r++) {
-        const float *q = t->q + r * t->Dp;
-        float *o = t->o + r * t->Dp;
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t d = 0; d < t->Dp; d++) o[d] = 0.0f;
-        int64_t ja = qn_max64(t->lo[r], t->j0), jz = qn_min64(t->hi[r], t->j1);
-        for (int64_t j = ja; j < jz; j++) {
-            float s = 0.0f;
-            for (int64_t d = 0; d < t->D; d++) s = fmaf(q[d], kv_at(t, t->k, t->kscale, j, d), s);
-            if (t->softcap > 0.0f) s = t->softcap * tanhf(s / t->softcap);
-            if (s > m) { /* new running max: rescale what was summed so far */
-                float alpha = expf(m - s);
-                for (int64_t d = 0; d < t->D; d++) o[d] *= alpha;
-                l *= alpha;
-                m = s;
+    for (int hh = 0; hh < t->nh; hh++) {
+        qn_attn_tile th = *t; /* the same tile, for head hh alone */
+        th.k = (const char *)t->k + hh * t->ld_head * kv_size(t->kvdtype);
+        th.v = (const char *)t->v + hh * t->ld_head * kv_size(t->kvdtype);
+        th.kscale = t->kscale ? t->kscale + hh : NULL;
+        th.vscale = t->vscale ? t->vscale + hh : NULL;
+        for (int r = 0; r < t->R; r++) {
+            int64_t row = (int64_t)hh * t->R + r;
+            const float *q = t->q + row * t->Dp;
+            float *o = t->o + row * t->Dp;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t d = 0; d < t->Dp; d++) o[d] = 0.0f;
+            int64_t ja = qn_max64(t->lo[row], t->j0), jz = qn_min64(t->hi[row], t->j1);
+            for (int64_t j = ja; j < jz; j++) {
+                float s = 0.0f;
+                for (int64_t d = 0; d < t->D; d++) s = fmaf(q[d], kv_at(&th, th.k, th.kscale, j, d), s);
+                if (t->softcap > 0.0f) s = t->softcap * tanhf(s / t->softcap);
+                if (s > m) { /* new running max: rescale what was summed so far */
+                    float alpha = expf(m - s);
+                    for (int64_t d = 0; d < t->D; d++) o[d] *= alpha;
+                    l *= alpha;
+                    m = s;
+                }
+                float p = expf(s - m);
+                l += p;
+                for (int64_t d = 0; d < t->D; d++) o[d] = fmaf(p, kv_at(&th, th.v, th.vscale, j, d), o[d]);
             }
-            float p = expf(s - m);
-            l += p;
-            for (int64_t d = 0; d < t->D; d++) o[d] = fmaf(p, kv_at(t, t->v, t->vscale, j, d), o[d]);
+            t->m[row] = m;
+            t->l[row] = l;
         }
-        t->m[r] = m;
-        t->l[r] = l;
     }
 }
 
@@ -93,7 +102,7 @@ void qn_attn_tile_ref(const qn_attn_tile *t) {
 /* Per-thread buffers: Qf[BQ, Dp], O[BQ, Dp], m, l [BQ], lo, hi [BQ] int64, tile scratch. */
 static int64_t prefill_thread_bytes(int64_t Dp) {
     return align64(2 * QN_ATTN_BQ * Dp * 4) + align64(2 * QN_ATTN_BQ * 4) + align64(2 * QN_ATTN_BQ * 8) +
-           align64(qn_attn_tile_scratch_floats(Dp) * 4);
+           align64(qn_attn_tile_scratch_floats(Dp, 1) * 4);
 }
 
 int64_t qn_attention_workspace_size(const qn_attn_params *p, int nthreads) {
@@ -190,7 +199,7 @@ qn_status qn_attention(const qn_attn_params *p, void *workspace, int64_t ws_byte
             qn_attn_tile t;
             memset(&t, 0, sizeof t);
             t.q = Qf; t.o = O; t.m = m; t.l = l; t.lo = lo; t.hi = hi;
-            t.R = R; t.D = D; t.Dp = Dp; t.j0 = j0; t.j1 = j1;
+            t.R = R; t.nh = 1; t.ld_head = D; t.D = D; t.Dp = Dp; t.j0 = j0; t.j1 = j1;
             fill_tile_kv(&t, p->k, p->v, p->kvdtype, (ks * Hkv + h / G) * D);
             t.table = NULL; t.bs = Sk > 0 ? Sk : 1; t.ld_tok = Hkv * D; t.ld_page = 0;
             t.softcap = p->softcap > 0.0f ? p->softcap : 0.0f;
@@ -208,8 +217,12 @@ qn_status qn_attention(const qn_attn_params *p, void *workspace, int64_t ws_byte
 
 /* ---- paged decode driver ---- */
 
-static int64_t paged_thread_bytes(int64_t Dp) {
-    return align64(QN_ATTN_BQ * Dp * 4) + align64(2 * QN_ATTN_BQ * 8) + align64(qn_attn_tile_scratch_floats(Dp) * 4);
+/* Rows of one decode tile: all H heads (nh = Hkv heads of G rows) when G <= BQ, so the
+ * cache's [bs, Hkv, D] blocks are read front to back; else BQ rows of one KV head. */
+static int64_t paged_tile_rows(int64_t H, int64_t G) { return G <= QN_ATTN_BQ ? H : QN_ATTN_BQ; }
+
+static int64_t paged_thread_bytes(int64_t Dp, int64_t rows, int64_t nh) {
+    return align64((rows + 4) * Dp * 4) + align64(2 * rows * 8) + align64(qn_attn_tile_scratch_floats(Dp, nh) * 4);
 }
 
 /* Splits of sequence b (0 when it is empty or its length is invalid). */
@@ -221,8 +234,10 @@ static int64_t n_splits(const qn_paged_params *p, int64_t b) {
 int64_t qn_paged_attention_workspace_size(const qn_paged_params *p, int nthreads) {
     int64_t P = 0, Dp = pad_dim(p->D);
     for (int64_t b = 0; b < p->B; b++) P += n_splits(p, b);
+    int64_t G = p->Hkv > 0 && p->H % p->Hkv == 0 ? p->H / p->Hkv : p->H, Hkv = p->Hkv > 0 ? p->Hkv : 1;
+    int64_t rows = paged_tile_rows(p->H, G), nh = G <= QN_ATTN_BQ ? Hkv : 1;
     return align64((p->B + 1) * 8) + align64(P * p->H * Dp * 4) + 2 * align64(P * p->H * 4) +
-           (int64_t)(nthreads < 1 ? 1 : nthreads) * paged_thread_bytes(Dp) + 64;
+           (int64_t)(nthreads < 1 ? 1 : nthreads) * paged_thread_bytes(Dp, rows, nh) + 64;
 }
 
 qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t ws_bytes) {
@@ -253,7 +268,8 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
         return qn_set_error(QN_EINVAL, "paged_attention: workspace too small");
     if (p->B == 0) return QN_OK;
     const int64_t H = p->H, D = p->D, Dp = pad_dim(D), Hkv = p->Hkv, G = H / Hkv;
-    const int64_t n_rt = qn_ceil_div(G, QN_ATTN_BQ);
+    const int64_t rows = paged_tile_rows(H, G), nh = G <= QN_ATTN_BQ ? Hkv : 1;
+    const int64_t n_hg = Hkv / nh, n_rt = qn_ceil_div(G, QN_ATTN_BQ);
     char *wsp = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
     int64_t *first = (int64_t *)wsp; /* first[b]: global index of sequence b's first split */
     first[0] = 0;
@@ -263,8 +279,8 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
     float *mpart = (float *)((char *)Opart + align64(P * H * Dp * 4)); /* [P, H] */
     float *lpart = (float *)((char *)mpart + align64(P * H * 4));      /* [P, H] */
     char *thr = (char *)lpart + align64(P * H * 4);
-    int64_t tb = paged_thread_bytes(Dp);
-    int64_t n_items = P * Hkv * n_rt;
+    int64_t tb = paged_thread_bytes(Dp, rows, nh);
+    int64_t n_items = P * n_hg * n_rt;
     qn_attn_tile_fn kern = qn_kernels.attn_tile;
     const int qsz = kv_size(p->qdtype);
 
@@ -272,12 +288,12 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
     {
         char *mine = thr + thread_id() * tb;
         float *Qf = (float *)mine;
-        int64_t *lo = (int64_t *)(mine + align64(QN_ATTN_BQ * Dp * 4)), *hi = lo + QN_ATTN_BQ;
-        float *scratch = (float *)((char *)lo + align64(2 * QN_ATTN_BQ * 8));
-        memset(Qf, 0, (size_t)(QN_ATTN_BQ * Dp * 4));
+        int64_t *lo = (int64_t *)(mine + align64((rows + 4) * Dp * 4)), *hi = lo + rows;
+        float *scratch = (float *)((char *)lo + align64(2 * rows * 8));
+        memset(Qf, 0, (size_t)((rows + 4) * Dp * 4));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < n_items; it++) {
-            int64_t gs = it / (Hkv * n_rt), hk = (it / n_rt) % Hkv, rt = it % n_rt;
+            int64_t gs = it / (n_hg * n_rt), hk = ((it / n_rt) % n_hg) * nh, rt = it % n_rt;
             int64_t b = 0; /* the sequence that owns split gs */
             for (int64_t a = 0, z = p->B; a < z;) {
                 int64_t c = (a + z) / 2;
@@ -286,7 +302,7 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
             int64_t len = p->seq_lens[b], sp = gs - first[b];
             int64_t h0 = hk * G + rt * QN_ATTN_BQ;
             int R = (int)qn_min64(QN_ATTN_BQ, G - rt * QN_ATTN_BQ);
-            for (int r = 0; r < R; r++) {
+            for (int64_t r = 0; r < nh * R; r++) { /* heads h0 .. h0 + nh * R are contiguous */
                 const char *qr = (const char *)p->q + ((b * H) + h0 + r) * D * qsz;
                 for (int64_t d = 0; d < D; d++) Qf[r * Dp + d] = load_el(qr, p->qdtype, d) * p->scale;
                 lo[r] = 0;
@@ -299,7 +315,8 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
             t.m = mpart + gs * H + h0;
             t.l = lpart + gs * H + h0;
             t.lo = lo; t.hi = hi;
-            t.R = R; t.D = D; t.Dp = Dp;
+            t.R = R; t.nh = (int)nh; t.ld_head = D;
+            t.D = D; t.Dp = Dp;
             t.j0 = sp * QN_ATTN_SPLIT;
             t.j1 = qn_min64(len, t.j0 + QN_ATTN_SPLIT);
             fill_tile_kv(&t, p->k, p->v, p->kvdtype, hk * D);

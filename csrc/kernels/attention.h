@@ -22,30 +22,36 @@ enum qn_attn_dtype { QN_A_F32 = 0, QN_A_F16 = 1, QN_A_BF16 = 2, QN_A_I8 = 3, QN_
 
 #define QN_ATTN_BQ 64  /* query rows per tile */
 #define QN_ATTN_BK 64  /* keys per block inside a tile */
-#define QN_ATTN_SPLIT 512 /* keys per split in paged decode (fixed: thread-count independent) */
+#define QN_ATTN_SPLIT 256 /* keys per split in paged decode (fixed: thread-count independent) */
 
-/* One tile for an inner kernel: R query rows against keys [j0, j1) of one KV head. */
+/* One tile for an inner kernel: R query rows for each of nh consecutive KV heads against
+ * keys [j0, j1). Rows of head hh are rows hh * R .. hh * R + R - 1 of q, o, m, l, lo, hi;
+ * the kernel converts a block of keys for all nh heads at once (reading a paged cache's
+ * [bs, Hkv, D] tokens front to back when nh = Hkv), then runs each head's rows. */
 typedef struct qn_attn_tile {
-    const float *q;         /* [R, Dp] rows pre-multiplied by scale, zero past D */
-    float *o;               /* [R, Dp] out: sum_j p_j v_j (unnormalized) */
-    float *m, *l;           /* [R] out: running max (-inf when no key is visible), sum of p */
-    const int64_t *lo, *hi; /* [R] row r sees keys lo[r] <= j < hi[r] */
-    int R;
+    const float *q;         /* [nh * R, Dp] rows pre-multiplied by scale, zero past D;
+                               room for 3 more rows (kernels compute blocks of 4 rows) */
+    float *o;               /* [nh * R, Dp] out: sum_j p_j v_j (unnormalized) */
+    float *m, *l;           /* [nh * R] out: running max (-inf when no key is visible), sum of p */
+    const int64_t *lo, *hi; /* [nh * R] row r sees keys lo[r] <= j < hi[r] */
+    int R, nh;
+    int64_t ld_head;        /* elements between consecutive KV heads of a token */
     int64_t D, Dp;          /* head dim, padded row stride (multiple of 16) */
     int64_t j0, j1;         /* keys to visit: covers every row's visible range */
-    const void *k, *v;      /* first element of this KV head in page 0 (or token 0) */
+    const void *k, *v;      /* first element of the tile's first KV head in page 0 (or token 0) */
     const int32_t *table;   /* [ceil(j1 / bs)] page of each run of bs keys, NULL: one page */
     int64_t bs;             /* keys per page */
     int64_t ld_tok, ld_page; /* elements between consecutive tokens / pages */
-    const float *kscale, *vscale; /* scale of (page, this head) at [page * ld_scale], or NULL */
+    const float *kscale, *vscale; /* scale of (page, head hh) at [page * ld_scale + hh], or NULL */
     int64_t ld_scale;
     int kvdtype;            /* enum qn_attn_dtype */
     float softcap;          /* > 0: logits become softcap * tanh(logit / softcap) */
-    float *scratch;         /* qn_attn_tile_scratch_floats(Dp) floats, 64-byte aligned */
+    float *scratch;         /* qn_attn_tile_scratch_floats(Dp, nh) floats, 64-byte aligned */
 } qn_attn_tile;
 
-/* Floats of scratch one tile kernel needs. */
-int64_t qn_attn_tile_scratch_floats(int64_t Dp);
+/* Floats of scratch one tile kernel needs: fp32 keys and values of a block for nh heads,
+ * the block's scores and the rescale factors. */
+int64_t qn_attn_tile_scratch_floats(int64_t Dp, int64_t nh);
 
 typedef void (*qn_attn_tile_fn)(const qn_attn_tile *t);
 void qn_attn_tile_ref(const qn_attn_tile *t);
@@ -93,6 +99,26 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
 static inline float qn_attn_fp8_to_f32(uint8_t b) {
     /* e4m3fn magnitude bits shifted into fp16 give the value / 256 (no NaN in stored codes) */
     return qn_f16_to_f32((uint16_t)(((b & 0x80) << 8) | ((b & 0x7F) << 7))) * 256.0f;
+}
+
+/* Prefetches the key and value rows (all nh heads) of the block after the one ending at je.
+ * Rows are ld_tok apart (often > 4 KiB), which hardware prefetchers do not follow. */
+static inline void qn_attn_prefetch_next(const qn_attn_tile *t, int64_t je) {
+    if (je >= t->j1) return;
+    int64_t pg = t->table ? je / t->bs : 0, row = t->table ? je % t->bs : je;
+    int64_t ne = qn_min64(je + QN_ATTN_BK, t->j1);
+    if (t->table) ne = qn_min64(ne, (pg + 1) * t->bs);
+    int64_t next = (t->table ? t->table[pg] : 0) * t->ld_page + row * t->ld_tok;
+    int es = t->kvdtype == QN_A_F32 ? 4 : t->kvdtype <= QN_A_BF16 ? 2 : 1;
+    int64_t bytes = ((t->nh - 1) * t->ld_head + t->D) * es;
+    for (int64_t i = 0; i < ne - je; i++) {
+        const char *kr = (const char *)t->k + (next + i * t->ld_tok) * es;
+        const char *vr = (const char *)t->v + (next + i * t->ld_tok) * es;
+        for (int64_t b = 0; b < bytes; b += 64) {
+            __builtin_prefetch(kr + b);
+            __builtin_prefetch(vr + b);
+        }
+    }
 }
 
 #ifdef __cplusplus

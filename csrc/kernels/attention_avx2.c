@@ -73,20 +73,24 @@ static inline __m256 load_kv8(const void *src, int dt, int64_t i, __m256 sc) {
     }
 }
 
-static inline void convert_rows(float *dst, const void *base, int dt, int64_t off, int64_t ld_tok, int n,
-                                int64_t D, const int64_t Dp, float scale) {
+/* Rows of a block (n tokens, ld_tok apart) for nh heads (ld_head apart) into
+ * dst[nh, BK, Dp] fp32, zero past D; token by token, so the source is read in order. */
+static inline void convert_rows(float *dst, const void *base, int dt, int64_t off, int64_t ld_tok, int n, int nh,
+                                int64_t ld_head, int64_t D, const int64_t Dp, const float *scales) {
     int es = dt == QN_A_F32 ? 4 : (dt == QN_A_F16 || dt == QN_A_BF16) ? 2 : 1;
-    float s = dt == QN_A_FP8 ? scale * 256.0f : scale; /* fp8 decodes to value / 256 */
-    __m256 sc = _mm256_set1_ps(s);
     int64_t D8 = D & ~(int64_t)7;
-    for (int i = 0; i < n; i++) {
-        const char *src = (const char *)base + (off + i * ld_tok) * es;
-        float *drow = dst + i * Dp;
-        int64_t d = 0;
-        for (; d < D8; d += 8) _mm256_store_ps(drow + d, load_kv8(src, dt, d, sc));
-        for (; d < D; d++) drow[d] = dt >= QN_A_I8 ? load_scalar(src, dt, d) * s : load_scalar(src, dt, d);
-        for (; d < Dp; d++) drow[d] = 0.0f;
-    }
+    for (int i = 0; i < n; i++)
+        for (int hh = 0; hh < nh; hh++) {
+            const char *src = (const char *)base + (off + i * ld_tok + hh * ld_head) * es;
+            float s0 = scales ? scales[hh] : 1.0f;
+            float s = dt == QN_A_FP8 ? s0 * 256.0f : s0; /* fp8 decodes to value / 256 */
+            __m256 sc = _mm256_set1_ps(s);
+            float *drow = dst + ((int64_t)hh * BK + i) * Dp;
+            int64_t d = 0;
+            for (; d < D8; d += 8) _mm256_store_ps(drow + d, load_kv8(src, dt, d, sc));
+            for (; d < D; d++) drow[d] = dt >= QN_A_I8 ? load_scalar(src, dt, d) * s : load_scalar(src, dt, d);
+            for (; d < Dp; d++) drow[d] = 0.0f;
+        }
 }
 
 static inline void qk(float *S, const float *q, const float *Kf, int R, int n, const int64_t Dp) {
@@ -142,75 +146,96 @@ static inline __attribute__((always_inline)) void pv_block(float *o, const float
     }
 }
 
-static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *t, const int64_t Dp) {
-    float *Kf = t->scratch, *Vf = Kf + BK * Dp, *S = Vf + BK * Dp, *alpha = S + BQ * BK;
-    const int R = t->R;
+/* Softcap, mask and online-softmax step for the R rows of one head over keys jb .. jb + n:
+ * S[r] becomes P[r] (zero where masked), m, l are updated and alpha[r] is the factor
+ * that rescales the row's earlier output. */
+static inline void softmax_rows(float *S, float *alpha, float *m, float *l, const int64_t *lo, const int64_t *hi,
+                                int R, int n, int64_t jb, int64_t je, float cap) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const float icap = cap > 0.0f ? 1.0f / cap : 0.0f;
     for (int r = 0; r < R; r++) {
+        float *Sr = S + r * BK;
+        int32_t a = (int32_t)qn_max64(qn_min64(lo[r] - jb, BK + 1), -1);
+        int32_t b = (int32_t)qn_max64(qn_min64(qn_min64(hi[r], je) - jb, BK + 1), -1);
+        __m256 mk[BK / 8];
+        __m256 mx = _mm256_set1_ps(-INFINITY), ninf = mx;
+        const int nc = (n + 7) / 8;
+        for (int c = 0; c < nc; c++) {
+            __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * c));
+            __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(a), idx),
+                                             _mm256_cmpgt_epi32(_mm256_set1_epi32(b), idx));
+            mk[c] = _mm256_castsi256_ps(in);
+            __m256 s = _mm256_load_ps(Sr + 8 * c);
+            if (cap > 0.0f) {
+                s = _mm256_mul_ps(_mm256_set1_ps(cap), tanh256(_mm256_mul_ps(s, _mm256_set1_ps(icap))));
+                _mm256_store_ps(Sr + 8 * c, s);
+            }
+            mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, s, mk[c]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        float bmax = _mm_cvtss_f32(m4), mnew = fmaxf(m[r], bmax);
+        if (mnew == -INFINITY) {
+            alpha[r] = 1.0f;
+            for (int c = 0; c < nc; c++) _mm256_store_ps(Sr + 8 * c, _mm256_setzero_ps());
+            continue;
+        }
+        alpha[r] = expf(m[r] - mnew);
+        __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mnew);
+        for (int c = 0; c < nc; c++) {
+            __m256 p = _mm256_and_ps(mk[c], exp256(_mm256_sub_ps(_mm256_load_ps(Sr + 8 * c), mv)));
+            _mm256_store_ps(Sr + 8 * c, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+        l[r] = l[r] * alpha[r] + _mm_cvtss_f32(s4);
+        m[r] = mnew;
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *t, const int64_t Dp) {
+    float *Kf = t->scratch, *Vf = Kf + t->nh * BK * Dp, *S = Vf + t->nh * BK * Dp, *alpha = S + BQ * BK;
+    const int R = t->R;
+    for (int r = 0; r < t->nh * R; r++) {
         t->m[r] = -INFINITY;
         t->l[r] = 0.0f;
         for (int64_t d = 0; d < Dp; d += 8) _mm256_store_ps(t->o + r * Dp + d, _mm256_setzero_ps());
     }
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const float cap = t->softcap, icap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    const float cap = t->softcap;
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
         int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
         je = qn_min64(t->j1, jb + BK);
         if (t->table) je = qn_min64(je, (pg + 1) * t->bs);
-        int n = (int)(je - jb), any = 0;
-        for (int r = 0; r < R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
+        const int n = (int)(je - jb);
+        const int64_t page = t->table ? t->table[pg] : 0;
+        int any = 0;
+        for (int r = 0; r < t->nh * R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
         if (!any) continue;
-        int64_t page = t->table ? t->table[pg] : 0;
-        int64_t off = page * t->ld_page + row * t->ld_tok;
-        float ks = t->kscale ? t->kscale[page * t->ld_scale] : 1.0f, vs = t->vscale ? t->vscale[page * t->ld_scale] : 1.0f;
-        convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->D, Dp, ks);
-        convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->D, Dp, vs);
-        qk(S, t->q, Kf, R, n, Dp);
-        for (int r = 0; r < R; r++) {
-            float *Sr = S + r * BK;
-            int32_t a = (int32_t)qn_max64(qn_min64(t->lo[r] - jb, BK + 1), -1);
-            int32_t b = (int32_t)qn_max64(qn_min64(qn_min64(t->hi[r], je) - jb, BK + 1), -1);
-            __m256 mk[BK / 8];
-            __m256 mx = _mm256_set1_ps(-INFINITY), ninf = mx;
-            const int nc = (n + 7) / 8;
-            for (int c = 0; c < nc; c++) {
-                __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * c));
-                __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(a), idx),
-                                                 _mm256_cmpgt_epi32(_mm256_set1_epi32(b), idx));
-                mk[c] = _mm256_castsi256_ps(in);
-                __m256 s = _mm256_load_ps(Sr + 8 * c);
-                if (cap > 0.0f) {
-                    s = _mm256_mul_ps(_mm256_set1_ps(cap), tanh256(_mm256_mul_ps(s, _mm256_set1_ps(icap))));
-                    _mm256_store_ps(Sr + 8 * c, s);
-                }
-                mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, s, mk[c]));
-            }
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-            float bmax = _mm_cvtss_f32(m4), mnew = fmaxf(t->m[r], bmax);
-            if (mnew == -INFINITY) {
-                alpha[r] = 1.0f;
-                for (int c = 0; c < nc; c++) _mm256_store_ps(Sr + 8 * c, _mm256_setzero_ps());
-                continue;
-            }
-            alpha[r] = expf(t->m[r] - mnew);
-            __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mnew);
-            for (int c = 0; c < nc; c++) {
-                __m256 p = _mm256_and_ps(mk[c], exp256(_mm256_sub_ps(_mm256_load_ps(Sr + 8 * c), mv)));
-                _mm256_store_ps(Sr + 8 * c, p);
-                sum = _mm256_add_ps(sum, p);
-            }
-            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
-            t->l[r] = t->l[r] * alpha[r] + _mm_cvtss_f32(s4);
-            t->m[r] = mnew;
+        qn_attn_prefetch_next(t, je);
+        const int64_t off = page * t->ld_page + row * t->ld_tok;
+        convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
+                     t->kscale ? t->kscale + page * t->ld_scale : NULL);
+        convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
+                     t->vscale ? t->vscale + page * t->ld_scale : NULL);
+        for (int hh = 0; hh < t->nh; hh++) {
+            const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
+            float *m = t->m + hh * R, *l = t->l + hh * R;
+            any = 0;
+            for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
+            if (!any) continue;
+            qk(S, t->q + hh * R * Dp, Kf + hh * BK * Dp, R, n, Dp);
+            softmax_rows(S, alpha, m, l, lo, hi, R, n, jb, je, cap);
+            float *o = t->o + hh * R * Dp;
+            const float *Vh = Vf + hh * BK * Dp;
+            int r = 0;
+            for (; r + 4 <= R; r += 4)
+                for (int64_t d = 0; d < Dp; d += 16) pv_block(o + r * Dp, S + r * BK, Vh, alpha + r, n, Dp, d, 4);
+            for (; r < R; r++)
+                for (int64_t d = 0; d < Dp; d += 16) pv_block(o + r * Dp, S + r * BK, Vh, alpha + r, n, Dp, d, 1);
         }
-        int r = 0;
-        for (; r + 4 <= R; r += 4)
-            for (int64_t d = 0; d < Dp; d += 16) pv_block(t->o + r * Dp, S + r * BK, Vf, alpha + r, n, Dp, d, 4);
-        for (; r < R; r++)
-            for (int64_t d = 0; d < Dp; d += 16) pv_block(t->o + r * Dp, S + r * BK, Vf, alpha + r, n, Dp, d, 1);
     }
 }
 

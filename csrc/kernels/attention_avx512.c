@@ -74,18 +74,39 @@ static inline __m512 load_kv16(const void *src, int dt, int64_t i, __mmask16 mk,
     }
 }
 
-/* Rows jb .. jb + n of one page into dst[n, Dp] fp32, zero past D. */
-static inline void convert_rows(float *dst, const void *base, int dt, int64_t off, int64_t ld_tok, int n,
-                                int64_t D, const int64_t Dp, float scale) {
-    int es = dt == QN_A_F32 ? 4 : (dt == QN_A_F16 || dt == QN_A_BF16) ? 2 : 1;
-    __m512 sc = _mm512_set1_ps(dt == QN_A_FP8 ? scale * 256.0f : scale);
-    for (int i = 0; i < n; i++) {
-        const char *src = (const char *)base + (off + i * ld_tok) * es;
-        for (int64_t d = 0; d < Dp; d += 16) {
-            int64_t left = D - d;
-            __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            _mm512_store_ps(dst + i * Dp + d, load_kv16(src, dt, d, mk, sc));
+/* Rows of a block (n tokens, ld_tok apart) for nh heads (ld_head apart) into
+ * dst[nh, BK, Dp] fp32, zero past D; token by token, so the source is read in order.
+ * dt is a compile-time constant in each copy (see convert_rows). */
+static inline __attribute__((always_inline)) void convert_rows_dt(float *dst, const void *base, const int dt,
+                                                                  int64_t off, int64_t ld_tok, int n, int nh,
+                                                                  int64_t ld_head, int64_t D, int64_t Dp,
+                                                                  const float *scales) {
+    const int es = dt == QN_A_F32 ? 4 : (dt == QN_A_F16 || dt == QN_A_BF16) ? 2 : 1;
+    const int64_t D16 = D & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (D - D16)) - 1);
+    for (int i = 0; i < n; i++)
+        for (int hh = 0; hh < nh; hh++) {
+            const char *src = (const char *)base + (off + i * ld_tok + hh * ld_head) * es;
+            float s = scales ? scales[hh] : 1.0f;
+            __m512 sc = _mm512_set1_ps(dt == QN_A_FP8 ? s * 256.0f : s);
+            float *drow = dst + ((int64_t)hh * BK + i) * Dp;
+            int64_t d = 0;
+            for (; d < D16; d += 16) _mm512_store_ps(drow + d, load_kv16(src, dt, d, (__mmask16)0xFFFF, sc));
+            if (d < Dp) { /* the D tail, zero-padded */
+                _mm512_store_ps(drow + d, load_kv16(src, dt, d, tail, sc));
+                for (d += 16; d < Dp; d += 16) _mm512_store_ps(drow + d, _mm512_setzero_ps());
+            }
         }
+}
+
+static inline void convert_rows(float *dst, const void *base, int dt, int64_t off, int64_t ld_tok, int n, int nh,
+                                int64_t ld_head, int64_t D, int64_t Dp, const float *scales) {
+    switch (dt) {
+    case QN_A_F16: convert_rows_dt(dst, base, QN_A_F16, off, ld_tok, n, nh, ld_head, D, Dp, scales); break;
+    case QN_A_BF16: convert_rows_dt(dst, base, QN_A_BF16, off, ld_tok, n, nh, ld_head, D, Dp, scales); break;
+    case QN_A_I8: convert_rows_dt(dst, base, QN_A_I8, off, ld_tok, n, nh, ld_head, D, Dp, scales); break;
+    case QN_A_FP8: convert_rows_dt(dst, base, QN_A_FP8, off, ld_tok, n, nh, ld_head, D, Dp, scales); break;
+    default: convert_rows_dt(dst, base, QN_A_F32, off, ld_tok, n, nh, ld_head, D, Dp, scales); break;
     }
 }
 
@@ -176,63 +197,82 @@ static inline __attribute__((always_inline)) void pv(float *o, const float *P, c
     }
 }
 
-static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *t, const int64_t Dp) {
-    float *Kf = t->scratch, *Vf = Kf + BK * Dp, *S = Vf + BK * Dp, *alpha = S + BQ * BK;
-    const int R = t->R;
+/* Softcap, mask and online-softmax step for the R rows of one head over keys jb .. jb + n:
+ * S[r] becomes P[r] (zero where masked), m, l are updated and alpha[r] is the factor
+ * that rescales the row's earlier output. */
+static inline void softmax_rows(float *S, float *alpha, float *m, float *l, const int64_t *lo, const int64_t *hi,
+                                int R, int n, int64_t jb, int64_t je, float cap) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const float icap = cap > 0.0f ? 1.0f / cap : 0.0f;
     for (int r = 0; r < R; r++) {
+        float *Sr = S + r * BK;
+        /* visible lanes: lo <= jb + i < hi and i < n, in block-relative int32 */
+        int32_t a = (int32_t)qn_max64(qn_min64(lo[r] - jb, BK + 1), -1);
+        int32_t b = (int32_t)qn_max64(qn_min64(qn_min64(hi[r], je) - jb, BK + 1), -1);
+        __mmask16 mk[BK / 16];
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < (n + 15) / 16; c++) {
+            __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * c));
+            mk[c] = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(a)) & _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(b));
+            __m512 s = _mm512_load_ps(Sr + 16 * c);
+            if (cap > 0.0f) {
+                s = _mm512_mul_ps(_mm512_set1_ps(cap), tanh512(_mm512_mul_ps(s, _mm512_set1_ps(icap))));
+                _mm512_store_ps(Sr + 16 * c, s);
+            }
+            mx = _mm512_mask_max_ps(mx, mk[c], mx, s);
+        }
+        float bmax = _mm512_reduce_max_ps(mx), mnew = fmaxf(m[r], bmax);
+        if (mnew == -INFINITY) { /* nothing visible yet: keep O, zero P */
+            alpha[r] = 1.0f;
+            for (int c = 0; c < (n + 15) / 16; c++) _mm512_store_ps(Sr + 16 * c, _mm512_setzero_ps());
+            continue;
+        }
+        alpha[r] = expf(m[r] - mnew);
+        __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mnew);
+        for (int c = 0; c < (n + 15) / 16; c++) {
+            __m512 pv = _mm512_maskz_mov_ps(mk[c], exp512(_mm512_sub_ps(_mm512_load_ps(Sr + 16 * c), mv)));
+            _mm512_store_ps(Sr + 16 * c, pv);
+            sum = _mm512_add_ps(sum, pv);
+        }
+        l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+        m[r] = mnew;
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *t, const int64_t Dp) {
+    float *Kf = t->scratch, *Vf = Kf + t->nh * BK * Dp, *S = Vf + t->nh * BK * Dp, *alpha = S + BQ * BK;
+    const int R = t->R;
+    for (int r = 0; r < t->nh * R; r++) {
         t->m[r] = -INFINITY;
         t->l[r] = 0.0f;
         for (int64_t d = 0; d < Dp; d += 16) _mm512_store_ps(t->o + r * Dp + d, _mm512_setzero_ps());
     }
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const float cap = t->softcap, icap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    const float cap = t->softcap;
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
         int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
         je = qn_min64(t->j1, jb + BK);
         if (t->table) je = qn_min64(je, (pg + 1) * t->bs);
-        int n = (int)(je - jb), any = 0;
-        for (int r = 0; r < R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
+        const int n = (int)(je - jb);
+        const int64_t page = t->table ? t->table[pg] : 0;
+        int any = 0;
+        for (int r = 0; r < t->nh * R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
         if (!any) continue;
-        int64_t page = t->table ? t->table[pg] : 0;
-        int64_t off = page * t->ld_page + row * t->ld_tok;
-        float ks = t->kscale ? t->kscale[page * t->ld_scale] : 1.0f, vs = t->vscale ? t->vscale[page * t->ld_scale] : 1.0f;
-        convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->D, Dp, ks);
-        convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->D, Dp, vs);
-        qk(S, t->q, Kf, R, n, Dp);
-        for (int r = 0; r < R; r++) {
-            float *Sr = S + r * BK;
-            /* visible lanes: lo <= jb + i < hi and i < n, in block-relative int32 */
-            int32_t a = (int32_t)qn_max64(qn_min64(t->lo[r] - jb, BK + 1), -1);
-            int32_t b = (int32_t)qn_max64(qn_min64(qn_min64(t->hi[r], je) - jb, BK + 1), -1);
-            __mmask16 mk[BK / 16];
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < (n + 15) / 16; c++) {
-                __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * c));
-                mk[c] = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(a)) & _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(b));
-                __m512 s = _mm512_load_ps(Sr + 16 * c);
-                if (cap > 0.0f) {
-                    s = _mm512_mul_ps(_mm512_set1_ps(cap), tanh512(_mm512_mul_ps(s, _mm512_set1_ps(icap))));
-                    _mm512_store_ps(Sr + 16 * c, s);
-                }
-                mx = _mm512_mask_max_ps(mx, mk[c], mx, s);
-            }
-            float bmax = _mm512_reduce_max_ps(mx), mnew = fmaxf(t->m[r], bmax);
-            if (mnew == -INFINITY) { /* nothing visible yet: keep O, zero P */
-                alpha[r] = 1.0f;
-                for (int c = 0; c < (n + 15) / 16; c++) _mm512_store_ps(Sr + 16 * c, _mm512_setzero_ps());
-                continue;
-            }
-            alpha[r] = expf(t->m[r] - mnew);
-            __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mnew);
-            for (int c = 0; c < (n + 15) / 16; c++) {
-                __m512 pv = _mm512_maskz_mov_ps(mk[c], exp512(_mm512_sub_ps(_mm512_load_ps(Sr + 16 * c), mv)));
-                _mm512_store_ps(Sr + 16 * c, pv);
-                sum = _mm512_add_ps(sum, pv);
-            }
-            t->l[r] = t->l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
-            t->m[r] = mnew;
+        qn_attn_prefetch_next(t, je);
+        const int64_t off = page * t->ld_page + row * t->ld_tok;
+        convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
+                     t->kscale ? t->kscale + page * t->ld_scale : NULL);
+        convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
+                     t->vscale ? t->vscale + page * t->ld_scale : NULL);
+        for (int hh = 0; hh < t->nh; hh++) {
+            const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
+            float *m = t->m + hh * R, *l = t->l + hh * R;
+            any = 0;
+            for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
+            if (!any) continue;
+            qk(S, t->q + hh * R * Dp, Kf + hh * BK * Dp, R, n, Dp);
+            softmax_rows(S, alpha, m, l, lo, hi, R, n, jb, je, cap);
+            pv(t->o + hh * R * Dp, S, Vf + hh * BK * Dp, alpha, R, n, Dp);
         }
-        pv(t->o, S, Vf, alpha, R, n, Dp);
     }
 }
 
