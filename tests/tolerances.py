@@ -26,6 +26,8 @@ TOL = {
     "attention_torch": dict(rel_l2=2e-5, max_abs_rel=1e-4),
     # paged decode vs prefill attention over the same (dequantized) keys
     "paged_vs_prefill": dict(rel_l2=1e-5, max_abs_rel=5e-5),
+    # rmsnorm, add, silu_mul, rope vs float64: a few float32 roundings per element
+    "layer_f32": dict(rel_l2=1e-6, max_abs_rel=1e-5),
 }
 
 

@@ -95,6 +95,13 @@ static PyMethodDef methods[] = {
     {"paged_attention", (PyCFunction)(void (*)(void))qn_py_paged_attention, METH_FASTCALL,
      "paged_attention(q, k_cache, v_cache, k_scale, v_scale, qdtype, kvdtype, block_tables, seq_lens, scale, "
      "softcap, out) -> out[B, H, D]"},
+    {"rmsnorm", (PyCFunction)(void (*)(void))qn_py_rmsnorm, METH_FASTCALL,
+     "rmsnorm(x[M, N], xdtype, w[N], eps, residual, out) -> out[M, N]"},
+    {"add", (PyCFunction)(void (*)(void))qn_py_add, METH_FASTCALL, "add(a[n], adtype, b[n], bdtype, out) -> out[n]"},
+    {"silu_mul", (PyCFunction)(void (*)(void))qn_py_silu_mul, METH_FASTCALL,
+     "silu_mul(gate[n], up[n], dtype, out) -> out[n]"},
+    {"rope", (PyCFunction)(void (*)(void))qn_py_rope, METH_FASTCALL,
+     "rope(x[T, nh, D], positions[T], inv_freq[rot / 2], mscale, neox) (in place)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -192,3 +192,149 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
     k, v, ks, vs = cache.kernel_arrays(layer)
     return _C.paged_attention(q, k, v, ks, vs, qdt, cache.kv_code, block_tables, seq_lens, float(scale),
                               0.0 if softcap is None else float(softcap), out)
+
+
+# ---- elementwise layer kernels: RMSNorm, residual add, SiLU-gated product, RoPE ----
+
+def _rows(op: str, name: str, a: np.ndarray) -> np.ndarray:
+    if a.ndim == 0:
+        raise ValueError(f"{op}: {name} must have at least one dimension, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} must be C-contiguous")
+    return a.reshape(-1, a.shape[-1])
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6, residual: Optional[np.ndarray] = None,
+            out: Optional[np.ndarray] = None) -> np.ndarray:
+    """RMSNorm over the last axis: y[..., N] = v / sqrt(mean(v^2) + eps) * weight[N], float32.
+
+    x: float32, float16 or bfloat16 [..., N], C-contiguous. weight: float32 [N].
+    residual: optional float32 [..., N] (x's shape), updated in place to residual + x before
+    the norm, which then reads it (the fused add + norm of a pre-norm decoder layer).
+    out: optional float32 of x's shape. Sums of squares in float64.
+    """
+    dt = _dtype_code("rmsnorm", "x", x)
+    x2 = _rows("rmsnorm", "x", x)
+    r2 = None
+    if residual is not None:
+        if not isinstance(residual, np.ndarray) or residual.shape != x.shape:
+            raise ValueError(f"rmsnorm: residual must have x's shape {x.shape}, got "
+                             f"{getattr(residual, 'shape', type(residual).__name__)}")
+        r2 = _rows("rmsnorm", "residual", residual)
+    o2 = None if out is None else _rows("rmsnorm", "out", out)
+    y = _C.rmsnorm(x2, dt, weight, float(eps), r2, o2)
+    return out if out is not None else y.reshape(x.shape)
+
+
+def add(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Elementwise a + b (same shape; float32, float16 or bfloat16), float32 output; out may
+    be a or b itself (a float32 residual stream updated in place)."""
+    adt, bdt = _dtype_code("add", "a", a), _dtype_code("add", "b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"add: a and b must have the same shape, got {a.shape} and {b.shape}")
+    for name, arr in (("a", a), ("b", b)) + ((("out", out),) if out is not None else ()):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"add: {name} must be C-contiguous")
+    if out is not None and out.shape != a.shape:
+        raise ValueError(f"add: out must have shape {a.shape}, got {out.shape}")
+    y = _C.add(a.reshape(-1), adt, b.reshape(-1), bdt, None if out is None else out.reshape(-1))
+    return out if out is not None else y.reshape(a.shape)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """SwiGLU's product silu(gate) * up, silu(g) = g / (1 + exp(-g)); gate and up [..., F] of
+    one dtype (float32, float16, bfloat16), C-contiguous; float32 output of the same shape."""
+    dt = _dtype_code("silu_mul", "gate", gate)
+    if _dtype_code("silu_mul", "up", up) != dt:
+        raise TypeError(f"silu_mul: up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate and up must have the same shape, got {gate.shape} and {up.shape}")
+    for name, arr in (("gate", gate), ("up", up)) + ((("out", out),) if out is not None else ()):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"silu_mul: {name} must be C-contiguous")
+    if out is not None and out.shape != gate.shape:
+        raise ValueError(f"silu_mul: out must have shape {gate.shape}, got {out.shape}")
+    y = _C.silu_mul(gate.reshape(-1), up.reshape(-1), dt, None if out is None else out.reshape(-1))
+    return out if out is not None else y.reshape(gate.shape)
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: Optional[dict] = None):
+    """(inv_freq float64 [rotary_dim // 2], attention_factor) for RoPE, following Hugging Face's
+    rope_scaling: None / {"rope_type": "default"}; "linear" (factor); "llama3" (factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings); "yarn" (factor,
+    original_max_position_embeddings, beta_fast=32, beta_slow=1, mscale, mscale_all_dim,
+    attention_factor, truncate=True). attention_factor multiplies cos and sin (YaRN)."""
+    import math
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rope: rotary_dim must be even and >= 2, got {rotary_dim}")
+    dim = rotary_dim
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    sc = dict(scaling or {})
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        lo_f, hi_f = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > old / lo_f, inv / factor, inv)
+        smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < old / hi_f) & ~(wavelen > old / lo_f)
+        return np.where(medium, smoothed, out), 1.0
+    if kind == "yarn":
+        old = float(sc["original_max_position_embeddings"])
+
+        def get_mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        att = sc.get("attention_factor")
+        if att is None:
+            m, mad = sc.get("mscale"), sc.get("mscale_all_dim")
+            att = get_mscale(factor, m) / get_mscale(factor, mad) if (m and mad) else get_mscale(factor)
+        beta_fast, beta_slow = float(sc.get("beta_fast") or 32), float(sc.get("beta_slow") or 1)
+
+        def corr_dim(n_rot):
+            return (dim * math.log(old / (n_rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+        if sc.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrap = 1 - ramp
+        return (inv / factor) * (1 - extrap) + inv * extrap, float(att)
+    raise ValueError(f"rope: unknown rope_type {kind!r} (default, linear, llama3, yarn)")
+
+
+def rope(q: np.ndarray, k: Optional[np.ndarray], positions: np.ndarray, theta: float = 10000.0,
+         style: str = "neox", rotary_dim: Optional[int] = None, scaling: Optional[dict] = None) -> None:
+    """Rotary position embedding, in place on float32 q[T, H, D] and k[T, Hkv, D] (k may be None).
+
+    positions: int32 [T], the position of each token. For pair i < rotary_dim / 2 (default
+    rotary_dim = D) the angle is positions[t] * inv_freq[i] (computed in float64) with
+    inv_freq from `rope_frequencies(rotary_dim, theta, scaling)` (plain, linear, Llama-3 or
+    YaRN scaling, as Hugging Face's rope_scaling); (x1, x2) -> (x1 cos - x2 sin,
+    x1 sin + x2 cos), cos and sin times YaRN's attention factor. style "neox" pairs
+    (i, i + rotary_dim / 2) (Hugging Face Llama, Qwen, Mistral); "interleaved" pairs
+    (2i, 2i + 1) (GPT-J, Meta's Llama checkpoints). Dims past rotary_dim are unchanged.
+    """
+    if style not in ("neox", "interleaved"):
+        raise ValueError(f"rope: style must be 'neox' or 'interleaved', got {style!r}")
+    if not isinstance(q, np.ndarray) or q.ndim != 3:
+        raise ValueError(f"rope: q must have shape (T, H, D), got {getattr(q, 'shape', type(q).__name__)}")
+    D = q.shape[2]
+    rot = D if rotary_dim is None else int(rotary_dim)
+    if rot > D:
+        raise ValueError(f"rope: rotary_dim {rot} exceeds the head dim {D}")
+    if k is not None and (not isinstance(k, np.ndarray) or k.ndim != 3 or k.shape[2] != D or k.shape[0] != q.shape[0]):
+        raise ValueError(f"rope: k must have shape ({q.shape[0]}, Hkv, {D}), got {getattr(k, 'shape', None)}")
+    inv, att = rope_frequencies(rot, theta, scaling)
+    for x in (q, k):
+        if x is not None:
+            _C.rope(x, positions, inv, float(att), style == "neox")

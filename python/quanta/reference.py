@@ -189,3 +189,33 @@ def paged_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale=None, s
         v = np.asarray(v_blocks, np.float64)[ids].reshape(-1, *v_blocks.shape[2:])[:n]
         o[b] = _attend(q[b][None], k, v, np.ones((1, n), bool), scale, softcap)[0]
     return o
+
+
+def rmsnorm(x, w, eps=1e-6, residual=None):
+    """float64 y[..., N] = v / sqrt(mean(v^2) + eps) * w, v = x (+ residual when given)."""
+    v = np.asarray(x).astype(np.float64)
+    if residual is not None:
+        v = v + np.asarray(residual, np.float64)
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * np.asarray(w, np.float64)
+
+
+def silu_mul(gate, up):
+    """float64 silu(gate) * up."""
+    g = np.asarray(gate).astype(np.float64)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g: the limit 0 is right
+        return g / (1.0 + np.exp(-g)) * np.asarray(up).astype(np.float64)
+
+
+def rope(x, positions, inv_freq, mscale=1.0, neox=True):
+    """float64 rotary embedding of x[T, nh, D] (see quanta.ops.rope): pairs (i, i + rot/2)
+    for NeoX, (2i, 2i + 1) interleaved; dims past rot = 2 * len(inv_freq) unchanged."""
+    x = np.asarray(x).astype(np.float64).copy()
+    half = len(inv_freq)
+    a = np.asarray(positions, np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    c, s = (mscale * np.cos(a))[:, None, :], (mscale * np.sin(a))[:, None, :]
+    i1 = np.arange(half) if neox else 2 * np.arange(half)
+    i2 = i1 + (half if neox else 1)
+    x1, x2 = x[..., i1].copy(), x[..., i2].copy()
+    x[..., i1] = x1 * c - x2 * s
+    x[..., i2] = x1 * s + x2 * c
+    return x
