@@ -32,7 +32,7 @@ static float nrand(void) { return (float)(sqrt(-2.0 * log(urand() + 1e-300)) * c
 static const float GUARD_VAL = -12345.0f;
 
 static float *guarded(int64_t n) {
-    float *p = aligned_alloc(64, (size_t)((n + 2 * GUARD) * 4 + 64));
+    float *p = aligned_alloc(64, (size_t)qn_round_up((n + 2 * GUARD) * 4, 64));
     for (int64_t i = 0; i < n + 2 * GUARD; i++) p[i] = GUARD_VAL;
     return p + GUARD;
 }
