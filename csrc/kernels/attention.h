@@ -95,7 +95,7 @@ typedef struct qn_paged_params {
 int64_t qn_paged_attention_workspace_size(const qn_paged_params *p, int nthreads);
 qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t ws_bytes);
 
-/* Scalar key / value element j, d of a tile (for kernels' conversion and tests). */
+/* Value of an fp8 e4m3fn code (the scalar definition the SIMD conversions reproduce). */
 static inline float qn_attn_fp8_to_f32(uint8_t b) {
     /* e4m3fn magnitude bits shifted into fp16 give the value / 256 (no NaN in stored codes) */
     return qn_f16_to_f32((uint16_t)(((b & 0x80) << 8) | ((b & 0x7F) << 7))) * 256.0f;
