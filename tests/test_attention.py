@@ -409,3 +409,48 @@ def test_paged_bad_arguments(rng):
         quanta.ops.paged_attention(q, c, 5, bt, sl)
     with pytest.raises(TypeError, match="cache"):
         quanta.ops.paged_attention(q, None, 1, bt, sl)
+
+
+# ---- binding hygiene ----
+
+def test_threads_calling_at_once_agree(rng):
+    import threading
+    q, k, v = qkv(rng, 100, 150, 8, 2, 64)
+    c = filled_cache(rng, "int8", [300, 20])
+    bt, sl = c.block_tables([0, 1]), c.seq_lens([0, 1], 1)
+    qd = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    want = quanta.ops.attention(q, k, v), quanta.ops.paged_attention(qd, c, 1, bt, sl)
+    bad = []
+
+    def work():
+        for _ in range(20):
+            a, b = quanta.ops.attention(q, k, v), quanta.ops.paged_attention(qd, c, 1, bt, sl)
+            if not (np.array_equal(a, want[0]) and np.array_equal(b, want[1])):
+                bad.append(1)
+
+    ts = [threading.Thread(target=work) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
+def test_no_reference_leaks(rng):
+    import sys
+    q, k, v = qkv(rng, 9, 9, 4, 2, 32)
+    out = np.empty((9, 4, 32), np.float32)
+    c = filled_cache(rng, "float16", [9], Hkv=2, D=32)
+    bt, sl = c.block_tables([0]), c.seq_lens([0], 1)
+    qd = q[:1].copy()
+    od = np.empty((1, 4, 32), np.float32)
+    objs = (q, k, v, out, bt, sl, qd, od, c.k[1], c.v[1])
+    before = [sys.getrefcount(o) for o in objs]
+    for _ in range(2000):
+        quanta.ops.attention(q, k, v, out=out)
+        quanta.ops.paged_attention(qd, c, 1, bt, sl, out=od)
+        try:
+            quanta.ops.attention(q, k[:, :1, :16].copy(), v)
+        except ValueError:
+            pass
+    assert [sys.getrefcount(o) for o in objs] == before
