@@ -261,7 +261,7 @@ def gathered(cache, layer, seq_id):
 
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_paged_vs_reference_and_prefill(rng, isa, dtype):
-    lens = [1, 5, 16, 17, 0, 700, 1100]  # shorter than a block, empty, several 512-key splits
+    lens = [1, 5, 16, 17, 0, 700, 1100]  # shorter than a block, empty, several 256-key splits
     c = filled_cache(rng, dtype, lens)
     ids = list(range(len(lens)))
     bt, sl = c.block_tables(ids), c.seq_lens(ids, 1)

@@ -162,7 +162,7 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
     seq_lens: int32 [B] in [0, max_blocks * block_size]; a sequence with 0 keys gives zeros.
     int8 / fp8 caches are dequantized on the fly (code * per-block, per-head scale).
     scale: default 1 / sqrt(D); softcap as in `attention`; out: optional float32 [B, H, D].
-    Flash-decoding: each sequence's keys are split in chunks of 512 processed in parallel
+    Flash-decoding: each sequence's keys are split in chunks of 256 processed in parallel
     (so one long sequence uses every core), then the partial softmaxes are merged in chunk
     order; results do not depend on the thread count.
     """
