@@ -1,28 +1,29 @@
-/* dispatch.c — fills qn_kernels from the CPU probe. */
+/* dispatch.c — fills qn_kernels from the CPU probe: each entry takes the highest ISA level
+ * allowed (min of the request and what the CPU and QUANTA_DISABLE_ISA permit). */
 #include "dispatch.h"
 
-qn_dispatch qn_kernels = {QN_ISA_REF, qn_qtile_int_ref, qn_qtile_lut_ref, qn_quantize_act_row_ref};
+#define QN_PICK(isa, name) ((isa) >= QN_ISA_AVX512 ? name##_avx512 : (isa) >= QN_ISA_AVX2 ? name##_avx2 : name##_ref)
+
+static qn_dispatch table_for(int isa) {
+    qn_dispatch d;
+    d.isa = isa;
+    d.qtile_int = QN_PICK(isa, qn_qtile_int);
+    d.qtile_lut = QN_PICK(isa, qn_qtile_lut);
+    d.quant_act = QN_PICK(isa, qn_quantize_act_row);
+    d.mm_dot = QN_PICK(isa, qn_matmul_dot);
+    d.mm_gemm = QN_PICK(isa, qn_matmul_gemm);
+    d.mm_cvt = QN_PICK(isa, qn_matmul_cvt);
+    d.attn_tile = QN_PICK(isa, qn_attn_tile);
+    return d;
+}
+
+qn_dispatch qn_kernels = {QN_ISA_REF, qn_qtile_int_ref, qn_qtile_lut_ref, qn_quantize_act_row_ref,
+                          qn_matmul_dot_ref, qn_matmul_gemm_ref, qn_matmul_cvt_ref, qn_attn_tile_ref};
 
 int qn_dispatch_set_isa(int isa) {
     int best = qn_cpu_best_isa();
     if (isa > best) isa = best;
-    qn_dispatch d = {QN_ISA_REF, qn_qtile_int_ref, qn_qtile_lut_ref, qn_quantize_act_row_ref};
-    if (isa >= QN_ISA_AVX2) {
-        d.isa = QN_ISA_AVX2;
-        d.qtile_int = qn_qtile_int_avx2;
-        d.qtile_lut = qn_qtile_lut_avx2;
-        d.quant_act = qn_quantize_act_row_avx2;
-    }
-    if (isa >= QN_ISA_AVX512) {
-        d.isa = QN_ISA_AVX512;
-        d.qtile_int = qn_qtile_int_avx512;
-        d.qtile_lut = qn_qtile_lut_avx512;
-        d.quant_act = qn_quantize_act_row_avx512;
-    }
-    d.mm_dot = isa >= QN_ISA_AVX512 ? qn_matmul_dot_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_dot_avx2 : qn_matmul_dot_ref;
-    d.mm_gemm = isa >= QN_ISA_AVX512 ? qn_matmul_gemm_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_gemm_avx2 : qn_matmul_gemm_ref;
-    d.mm_cvt = isa >= QN_ISA_AVX512 ? qn_matmul_cvt_avx512 : isa >= QN_ISA_AVX2 ? qn_matmul_cvt_avx2 : qn_matmul_cvt_ref;
-    qn_kernels = d;
+    qn_kernels = table_for(isa);
     return isa;
 }
 

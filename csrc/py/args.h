@@ -17,7 +17,7 @@
 #include "../qn_formats.h"
 
 /* dtype codes shared with python/quanta/ops.py */
-enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6, QN_DT_U64 = 7 };
+enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6, QN_DT_U64 = 7, QN_DT_F64 = 8 };
 
 /* What an array argument must be. ndim and shape entries < 0 are not checked. */
 typedef struct qn_arrspec {
@@ -54,5 +54,11 @@ PyObject *qn_py_pack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nar
 PyObject *qn_py_unpack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

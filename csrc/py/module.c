@@ -90,6 +90,18 @@ static PyMethodDef methods[] = {
      "qmatmul(x, xdtype, fmt, N, K, codes, scales, offsets, supers, super_mins, out) -> out"},
     {"matmul", (PyCFunction)(void (*)(void))qn_py_matmul, METH_FASTCALL,
      "matmul(x, xdtype, w, wdtype, out) -> out"},
+    {"attention", (PyCFunction)(void (*)(void))qn_py_attention, METH_FASTCALL,
+     "attention(q, k, v, dtype, causal, window, softcap, scale, cu_q, cu_k, out) -> out[T, H, D]"},
+    {"paged_attention", (PyCFunction)(void (*)(void))qn_py_paged_attention, METH_FASTCALL,
+     "paged_attention(q, k_cache, v_cache, k_scale, v_scale, qdtype, kvdtype, block_tables, seq_lens, scale, "
+     "softcap, out) -> out[B, H, D]"},
+    {"rmsnorm", (PyCFunction)(void (*)(void))qn_py_rmsnorm, METH_FASTCALL,
+     "rmsnorm(x[M, N], xdtype, w[N], eps, residual, out) -> out[M, N]"},
+    {"add", (PyCFunction)(void (*)(void))qn_py_add, METH_FASTCALL, "add(a[n], adtype, b[n], bdtype, out) -> out[n]"},
+    {"silu_mul", (PyCFunction)(void (*)(void))qn_py_silu_mul, METH_FASTCALL,
+     "silu_mul(gate[n], up[n], dtype, out) -> out[n]"},
+    {"rope", (PyCFunction)(void (*)(void))qn_py_rope, METH_FASTCALL,
+     "rope(x[T, nh, D], positions[T], inv_freq[rot / 2], mscale, neox) (in place)"},
     {NULL, NULL, 0, NULL},
 };
 

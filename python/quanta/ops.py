@@ -85,3 +85,256 @@ def matmul(x: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np
     out2 = out if (out is None or out.ndim == 2) else out.reshape(-1, N)
     y = _C.matmul(x2, xdt, w, wdt, out2)
     return out if out is not None else y.reshape(x.shape[:-1] + (N,))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True, window: Optional[int] = None,
+              softcap: Optional[float] = None, scale: Optional[float] = None,
+              cu_seqlens_q: Optional[np.ndarray] = None, cu_seqlens_k: Optional[np.ndarray] = None,
+              out: Optional[np.ndarray] = None, backend: str = "auto") -> np.ndarray:
+    """Flash attention (prefill): o[T, H, D] = softmax(mask(scale * q k^T)) v, float32 output.
+
+    q: [T, H, D]; k, v: [S, Hkv, D], C-contiguous, all float32, all float16 or all bfloat16
+    (ml_dtypes.bfloat16); H must be a multiple of Hkv (GQA; Hkv = 1 is MQA): query head h
+    uses KV head h // (H // Hkv). Products and sums run in float32; the output is float32.
+    Any D works; D = 64, 80, 96, 128, 256 have specialized kernels.
+
+    Mask (per sequence with Tq queries and Sk keys): query i sits at position
+    p = i + Sk - Tq (aligned bottom-right, so the last query is the last key's position)
+    and sees key j when
+        causal:          j <= p
+        window=w (>= 0): j >= p - w, and also j <= p + w when causal=False.
+    A query that sees no key (e.g. causal with Sk < Tq) gives a row of zeros, never NaN.
+    softcap=c (> 0): logits s = scale * q.k become c * tanh(s / c) before the softmax.
+    scale: default 1 / sqrt(D).
+    cu_seqlens_q, cu_seqlens_k: int32 [n_seq + 1], non-decreasing from 0 to T and S: a varlen
+    batch where sequence s owns queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys
+    cu_seqlens_k[s]:cu_seqlens_k[s+1] and attends only within itself.
+    out: optional float32 [T, H, D] to write into (must not overlap the inputs).
+    backend: "auto" (C kernels) or "reference" (float64 NumPy, for tests).
+    Tiles of 64 queries x 64 keys with an online softmax: T x S is never materialized; work
+    is split over (sequence, query tile, head) across threads; results do not depend on the
+    thread count.
+    """
+    op = "attention"
+    dt = _dtype_code(op, "q", q)
+    for name, a in (("k", k), ("v", v)):
+        if _dtype_code(op, name, a) != dt:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {a.dtype} with shape {a.shape}")
+    if window is not None and (not isinstance(window, (int, np.integer)) or window < 0):
+        raise ValueError(f"{op}: window must be None or an int >= 0, got {window!r}")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"{op}: softcap must be None or > 0, got {softcap!r}")
+    if q.ndim != 3:
+        raise ValueError(f"{op}: q must have shape (T, H, D), got {q.dtype} with shape {q.shape}")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(q.shape[2])) if q.shape[2] else 1.0
+    if backend == "reference":
+        for name, a in (("k", k), ("v", v)):
+            if a.ndim != 3 or a.shape[2] != q.shape[2] or q.shape[1] % max(a.shape[1], 1) or a.shape[1] == 0:
+                raise ValueError(f"{op}: {name} must have shape (S, Hkv, {q.shape[2]}) with H % Hkv == 0, "
+                                 f"got {a.shape}")
+        o = reference.attention(q, k, v, causal, window, softcap, scale, cu_seqlens_q, cu_seqlens_k)
+        o = o.astype(np.float32)
+        if out is not None:
+            out[...] = o
+            return out
+        return o
+    if backend != "auto":
+        raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
+    return _C.attention(q, k, v, dt, int(bool(causal)), -1 if window is None else int(window),
+                        0.0 if softcap is None else float(softcap), float(scale), cu_seqlens_q, cu_seqlens_k, out)
+
+
+def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, seq_lens: np.ndarray,
+                    out: Optional[np.ndarray] = None, scale: Optional[float] = None,
+                    softcap: Optional[float] = None, backend: str = "auto") -> np.ndarray:
+    """Decode attention over a paged KV cache: o[B, H, D], float32.
+
+    q: [B, H, D] float32, float16 or bfloat16, one query token per sequence; H must be a
+    multiple of the cache's Hkv (query head h reads KV head h // (H // Hkv)).
+    cache: a `quanta.KVCache`; layer: which of its layers. Sequence b attends to its first
+    seq_lens[b] keys (all of them: the query is the newest position, so the causal mask
+    keeps every stored key), found in blocks block_tables[b, 0 .. ceil(seq_lens[b] /
+    block_size) - 1] of the cache (key j at block_tables[b, j // block_size], row
+    j % block_size).
+    block_tables: int32 [B, max_blocks] (e.g. cache.block_tables(ids)); entries past a
+    sequence's blocks are ignored, used ones must lie in [0, n_blocks).
+    seq_lens: int32 [B] in [0, max_blocks * block_size]; a sequence with 0 keys gives zeros.
+    int8 / fp8 caches are dequantized on the fly (code * per-block, per-head scale).
+    scale: default 1 / sqrt(D); softcap as in `attention`; out: optional float32 [B, H, D].
+    Flash-decoding: each sequence's keys are split in chunks of 256 processed in parallel
+    (so one long sequence uses every core), then the partial softmaxes are merged in chunk
+    order; results do not depend on the thread count.
+    """
+    from .kv_cache import KVCache
+    op = "paged_attention"
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"{op}: cache must be a quanta.KVCache, got {type(cache).__name__}")
+    qdt = _dtype_code(op, "q", q)
+    if not isinstance(layer, (int, np.integer)) or not 0 <= layer < cache.n_layers:
+        raise ValueError(f"{op}: layer must be in [0, {cache.n_layers}), got {layer!r}")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"{op}: softcap must be None or > 0, got {softcap!r}")
+    D = cache.head_dim
+    if q.ndim != 3 or q.shape[2] != D:
+        raise ValueError(f"{op}: q must have shape (B, H, {D}) (the cache's head_dim), got {q.dtype} with shape {q.shape}")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(D))
+    if backend == "reference":
+        k, v = cache.dequantized(layer)
+        o = reference.paged_attention(q, k, v, block_tables, seq_lens, scale, softcap).astype(np.float32)
+        if out is not None:
+            out[...] = o
+            return out
+        return o
+    if backend != "auto":
+        raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
+    k, v, ks, vs = cache.kernel_arrays(layer)
+    return _C.paged_attention(q, k, v, ks, vs, qdt, cache.kv_code, block_tables, seq_lens, float(scale),
+                              0.0 if softcap is None else float(softcap), out)
+
+
+# ---- elementwise layer kernels: RMSNorm, residual add, SiLU-gated product, RoPE ----
+
+def _rows(op: str, name: str, a: np.ndarray) -> np.ndarray:
+    if a.ndim == 0:
+        raise ValueError(f"{op}: {name} must have at least one dimension, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} must be C-contiguous")
+    return a.reshape(-1, a.shape[-1])
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6, residual: Optional[np.ndarray] = None,
+            out: Optional[np.ndarray] = None) -> np.ndarray:
+    """RMSNorm over the last axis: y[..., N] = v / sqrt(mean(v^2) + eps) * weight[N], float32.
+
+    x: float32, float16 or bfloat16 [..., N], C-contiguous. weight: float32 [N].
+    residual: optional float32 [..., N] (x's shape), updated in place to residual + x before
+    the norm, which then reads it (the fused add + norm of a pre-norm decoder layer).
+    out: optional float32 of x's shape. Sums of squares in float64.
+    """
+    dt = _dtype_code("rmsnorm", "x", x)
+    x2 = _rows("rmsnorm", "x", x)
+    r2 = None
+    if residual is not None:
+        if not isinstance(residual, np.ndarray) or residual.shape != x.shape:
+            raise ValueError(f"rmsnorm: residual must have x's shape {x.shape}, got "
+                             f"{getattr(residual, 'shape', type(residual).__name__)}")
+        r2 = _rows("rmsnorm", "residual", residual)
+    o2 = None if out is None else _rows("rmsnorm", "out", out)
+    y = _C.rmsnorm(x2, dt, weight, float(eps), r2, o2)
+    return out if out is not None else y.reshape(x.shape)
+
+
+def add(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Elementwise a + b (same shape; float32, float16 or bfloat16), float32 output; out may
+    be a or b itself (a float32 residual stream updated in place)."""
+    adt, bdt = _dtype_code("add", "a", a), _dtype_code("add", "b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"add: a and b must have the same shape, got {a.shape} and {b.shape}")
+    for name, arr in (("a", a), ("b", b)) + ((("out", out),) if out is not None else ()):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"add: {name} must be C-contiguous")
+    if out is not None and out.shape != a.shape:
+        raise ValueError(f"add: out must have shape {a.shape}, got {out.shape}")
+    y = _C.add(a.reshape(-1), adt, b.reshape(-1), bdt, None if out is None else out.reshape(-1))
+    return out if out is not None else y.reshape(a.shape)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """SwiGLU's product silu(gate) * up, silu(g) = g / (1 + exp(-g)); gate and up [..., F] of
+    one dtype (float32, float16, bfloat16), C-contiguous; float32 output of the same shape."""
+    dt = _dtype_code("silu_mul", "gate", gate)
+    if _dtype_code("silu_mul", "up", up) != dt:
+        raise TypeError(f"silu_mul: up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate and up must have the same shape, got {gate.shape} and {up.shape}")
+    for name, arr in (("gate", gate), ("up", up)) + ((("out", out),) if out is not None else ()):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"silu_mul: {name} must be C-contiguous")
+    if out is not None and out.shape != gate.shape:
+        raise ValueError(f"silu_mul: out must have shape {gate.shape}, got {out.shape}")
+    y = _C.silu_mul(gate.reshape(-1), up.reshape(-1), dt, None if out is None else out.reshape(-1))
+    return out if out is not None else y.reshape(gate.shape)
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: Optional[dict] = None):
+    """(inv_freq float64 [rotary_dim // 2], attention_factor) for RoPE, following Hugging Face's
+    rope_scaling: None / {"rope_type": "default"}; "linear" (factor); "llama3" (factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings); "yarn" (factor,
+    original_max_position_embeddings, beta_fast=32, beta_slow=1, mscale, mscale_all_dim,
+    attention_factor, truncate=True). attention_factor multiplies cos and sin (YaRN)."""
+    import math
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rope: rotary_dim must be even and >= 2, got {rotary_dim}")
+    dim = rotary_dim
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    sc = dict(scaling or {})
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        lo_f, hi_f = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > old / lo_f, inv / factor, inv)
+        smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < old / hi_f) & ~(wavelen > old / lo_f)
+        return np.where(medium, smoothed, out), 1.0
+    if kind == "yarn":
+        old = float(sc["original_max_position_embeddings"])
+
+        def get_mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        att = sc.get("attention_factor")
+        if att is None:
+            m, mad = sc.get("mscale"), sc.get("mscale_all_dim")
+            att = get_mscale(factor, m) / get_mscale(factor, mad) if (m and mad) else get_mscale(factor)
+        beta_fast, beta_slow = float(sc.get("beta_fast") or 32), float(sc.get("beta_slow") or 1)
+
+        def corr_dim(n_rot):
+            return (dim * math.log(old / (n_rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+        if sc.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrap = 1 - ramp
+        return (inv / factor) * (1 - extrap) + inv * extrap, float(att)
+    raise ValueError(f"rope: unknown rope_type {kind!r} (default, linear, llama3, yarn)")
+
+
+def rope(q: np.ndarray, k: Optional[np.ndarray], positions: np.ndarray, theta: float = 10000.0,
+         style: str = "neox", rotary_dim: Optional[int] = None, scaling: Optional[dict] = None) -> None:
+    """Rotary position embedding, in place on float32 q[T, H, D] and k[T, Hkv, D] (k may be None).
+
+    positions: int32 [T], the position of each token. For pair i < rotary_dim / 2 (default
+    rotary_dim = D) the angle is positions[t] * inv_freq[i] (computed in float64) with
+    inv_freq from `rope_frequencies(rotary_dim, theta, scaling)` (plain, linear, Llama-3 or
+    YaRN scaling, as Hugging Face's rope_scaling); (x1, x2) -> (x1 cos - x2 sin,
+    x1 sin + x2 cos), cos and sin times YaRN's attention factor. style "neox" pairs
+    (i, i + rotary_dim / 2) (Hugging Face Llama, Qwen, Mistral); "interleaved" pairs
+    (2i, 2i + 1) (GPT-J, Meta's Llama checkpoints). Dims past rotary_dim are unchanged.
+    """
+    if style not in ("neox", "interleaved"):
+        raise ValueError(f"rope: style must be 'neox' or 'interleaved', got {style!r}")
+    if not isinstance(q, np.ndarray) or q.ndim != 3:
+        raise ValueError(f"rope: q must have shape (T, H, D), got {getattr(q, 'shape', type(q).__name__)}")
+    D = q.shape[2]
+    rot = D if rotary_dim is None else int(rotary_dim)
+    if rot > D:
+        raise ValueError(f"rope: rotary_dim {rot} exceeds the head dim {D}")
+    if k is not None and (not isinstance(k, np.ndarray) or k.ndim != 3 or k.shape[2] != D or k.shape[0] != q.shape[0]):
+        raise ValueError(f"rope: k must have shape ({q.shape[0]}, Hkv, {D}), got {getattr(k, 'shape', None)}")
+    inv, att = rope_frequencies(rot, theta, scaling)
+    for x in (q, k):
+        if x is not None:
+            _C.rope(x, positions, inv, float(att), style == "neox")

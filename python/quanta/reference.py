@@ -121,3 +121,101 @@ def qmatmul(x: np.ndarray, w: QuantizedTensor, act_quant: bool = False) -> np.nd
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """float64 y[M, N] = x[M, K] @ w[N, K]^T."""
     return np.asarray(x).astype(np.float64) @ np.asarray(w).astype(np.float64).T
+
+
+def attention_mask(Tq: int, Sk: int, causal: bool, window) -> np.ndarray:
+    """bool[Tq, Sk]: query i (at position p = i + Sk - Tq) sees key j iff j <= p when causal,
+    p - window <= j when a window is given, and j <= p + window when not causal."""
+    p = np.arange(Tq)[:, None] + Sk - Tq
+    j = np.arange(Sk)[None, :]
+    m = np.ones((Tq, Sk), bool)
+    if causal:
+        m &= j <= p
+    if window is not None:
+        m &= j >= p - window
+        if not causal:
+            m &= j <= p + window
+    return m
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """float64 o[T, H, D] for one sequence; q[T, H, D], k, v[S, Hkv, D], mask[T, S]."""
+    T, H, D = q.shape
+    G = H // k.shape[1]
+    o = np.zeros((T, H, D))
+    for h in range(H):
+        s = (q[:, h] @ k[:, h // G].T) * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        s = np.where(mask, s, -np.inf)
+        mx = s.max(axis=1, keepdims=True) if s.shape[1] else np.full((T, 1), -np.inf)
+        seen = np.isfinite(mx)
+        p = np.where(mask, np.exp(s - np.where(seen, mx, 0.0)), 0.0)
+        den = p.sum(axis=1, keepdims=True)
+        o[:, h] = np.where(seen, p @ v[:, h // G] / np.where(den > 0, den, 1.0), 0.0)
+    return o
+
+
+def attention(q, k, v, causal=True, window=None, softcap=None, scale=None, cu_seqlens_q=None,
+              cu_seqlens_k=None) -> np.ndarray:
+    """float64 naive attention o[T, H, D] with the masks of quanta.ops.attention; fully
+    masked rows give zeros."""
+    q, k, v = (np.asarray(a).astype(np.float64) for a in (q, k, v))
+    D = q.shape[2]
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    cq = [0, q.shape[0]] if cu_seqlens_q is None else list(np.asarray(cu_seqlens_q))
+    ck = [0, k.shape[0]] if cu_seqlens_k is None else list(np.asarray(cu_seqlens_k))
+    o = np.zeros(q.shape)
+    for s in range(len(cq) - 1):
+        qs, ks = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
+        mask = attention_mask(cq[s + 1] - cq[s], ck[s + 1] - ck[s], causal, window)
+        o[qs] = _attend(q[qs], k[ks], v[ks], mask, scale, softcap)
+    return o
+
+
+def paged_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale=None, softcap=None) -> np.ndarray:
+    """float64 decode attention o[B, H, D]: q[B, H, D] against the first seq_lens[b] keys of the
+    blocks block_tables[b] of k_blocks, v_blocks[n_blocks, block_size, Hkv, D] (already
+    dequantized)."""
+    q = np.asarray(q).astype(np.float64)
+    B, H, D = q.shape
+    bs = k_blocks.shape[1]
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
+    o = np.zeros((B, H, D))
+    for b in range(B):
+        n = int(seq_lens[b])
+        ids = np.asarray(block_tables[b][: -(-n // bs)], np.int64)
+        k = np.asarray(k_blocks, np.float64)[ids].reshape(-1, *k_blocks.shape[2:])[:n]
+        v = np.asarray(v_blocks, np.float64)[ids].reshape(-1, *v_blocks.shape[2:])[:n]
+        o[b] = _attend(q[b][None], k, v, np.ones((1, n), bool), scale, softcap)[0]
+    return o
+
+
+def rmsnorm(x, w, eps=1e-6, residual=None):
+    """float64 y[..., N] = v / sqrt(mean(v^2) + eps) * w, v = x (+ residual when given)."""
+    v = np.asarray(x).astype(np.float64)
+    if residual is not None:
+        v = v + np.asarray(residual, np.float64)
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * np.asarray(w, np.float64)
+
+
+def silu_mul(gate, up):
+    """float64 silu(gate) * up."""
+    g = np.asarray(gate).astype(np.float64)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g: the limit 0 is right
+        return g / (1.0 + np.exp(-g)) * np.asarray(up).astype(np.float64)
+
+
+def rope(x, positions, inv_freq, mscale=1.0, neox=True):
+    """float64 rotary embedding of x[T, nh, D] (see quanta.ops.rope): pairs (i, i + rot/2)
+    for NeoX, (2i, 2i + 1) interleaved; dims past rot = 2 * len(inv_freq) unchanged."""
+    x = np.asarray(x).astype(np.float64).copy()
+    half = len(inv_freq)
+    a = np.asarray(positions, np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    c, s = (mscale * np.cos(a))[:, None, :], (mscale * np.sin(a))[:, None, :]
+    i1 = np.arange(half) if neox else 2 * np.arange(half)
+    i2 = i1 + (half if neox else 1)
+    x1, x2 = x[..., i1].copy(), x[..., i2].copy()
+    x[..., i1] = x1 * c - x2 * s
+    x[..., i2] = x1 * s + x2 * c
+    return x
