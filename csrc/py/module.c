@@ -90,6 +90,13 @@ static PyMethodDef methods[] = {
      "qmatmul(x, xdtype, fmt, N, K, codes, scales, offsets, supers, super_mins, out) -> out"},
     {"matmul", (PyCFunction)(void (*)(void))qn_py_matmul, METH_FASTCALL,
      "matmul(x, xdtype, w, wdtype, out) -> out"},
+    {"silu_mul", (PyCFunction)(void (*)(void))qn_py_silu_mul, METH_FASTCALL, "silu_mul(gate, up, out) -> out"},
+    {"moe_route", (PyCFunction)(void (*)(void))qn_py_moe_route, METH_FASTCALL,
+     "moe_route(logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)"
+     " -> (weights, ids)"},
+    {"moe", (PyCFunction)(void (*)(void))qn_py_moe, METH_FASTCALL,
+     "moe(x, xdtype, logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling,"
+     " weights, ids, experts, shared, out, counts) -> out"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,26 @@
+/* act.h — elementwise activations of the MLP blocks.
+ *
+ * silu_mul: out[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)), float32.
+ * One scalar path (libm expf, the same operations everywhere); the caller threads it.
+ */
+#ifndef QN_ACT_H
+#define QN_ACT_H
+
+#include "../qn_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* out[n] = silu(gate[n]) * up[n]; out may alias gate or up. */
+void qn_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+/* Rows of out[M, N] (stride ldo) = silu(gate[M, N] (stride ldg)) * up[M, N] (stride ldu),
+ * rows split over OpenMP threads. */
+qn_status qn_silu_mul_rows(float *out, const float *gate, const float *up, int64_t M, int64_t N, int64_t ldo,
+                           int64_t ldg, int64_t ldu);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
