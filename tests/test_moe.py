@@ -532,3 +532,58 @@ def test_against_transformers(rng, name, fmt):
         yt = blk(torch.from_numpy(x)[None]).numpy()[0]
     y = ops.moe(x, router, ex, shared=shared, **kw)
     assert_close(y, yt, "moe_torch_f32" if fmt == "nf4" else "moe_float_x", f"{name} {fmt}")
+
+
+# ---- reliability ---------------------------------------------------------------------------
+
+def test_moe_no_leaks(rng):
+    import gc
+    import sys
+    import tracemalloc
+    E, d, ffn = 4, 64, 64
+    ex = make_experts(rng, E, d, ffn, "q8_0")
+    sh = make_shared(rng, d, 64, "q8_0")
+    rw = rng.standard_normal((E, d)).astype(np.float32)
+    x = rng.standard_normal((3, d)).astype(np.float32)
+    out = np.empty((3, d), np.float32)
+    logits = x @ rw.T
+    arrays = (x, out, logits) + tuple(a for arrs in ex._arrays for a in arrs if a is not None)
+    refs = [sys.getrefcount(a) for a in arrays]
+    for _ in range(3000):
+        ops.moe(x, rw, ex, 2, shared=sh, out=out)
+        ops.moe_route(logits, 2)
+    gc.collect()
+    assert [sys.getrefcount(a) for a in arrays] == refs
+    tracemalloc.start()
+    for _ in range(500):
+        ops.moe(x, rw, ex, 2, return_counts=True)
+    snap1 = tracemalloc.take_snapshot()
+    for _ in range(3000):
+        ops.moe(x, rw, ex, 2, return_counts=True)
+    snap2 = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in snap2.compare_to(snap1, "filename"))
+    assert grown < 64 * 1024, grown
+
+
+def test_moe_threads_calling_at_once(rng):
+    import threading
+    E, d, ffn = 8, 64, 64
+    ex = make_experts(rng, E, d, ffn, "q4_0")
+    rw = rng.standard_normal((E, d)).astype(np.float32)
+    xs = [rng.standard_normal((5, d)).astype(np.float32) for _ in range(8)]
+    expect = [ops.moe(x, rw, ex, 2) for x in xs]
+    errors = []
+
+    def work(i):
+        for _ in range(100):
+            if not np.array_equal(ops.moe(xs[i], rw, ex, 2), expect[i]):
+                errors.append(i)
+                return
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
