@@ -140,7 +140,6 @@ def main():
                                  "" if tt is None else f"{tt * 1e3:.1f}", "" if tt is None else f"{tt / t:.1f}"])
             print(f"  ({mname} {fmt}: built and checked in {time.perf_counter() - t0:.0f} s, rel err {err:.1e})",
                   flush=True)
-            del ex
     print()
     _common.print_table(["model", "format", "T", "ms", "rate", "of floor", "torch f32 ms", "x torch"], rows)
 

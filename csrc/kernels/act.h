@@ -1,7 +1,7 @@
 /* act.h — elementwise activations of the MLP blocks.
  *
  * silu_mul: out[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)), float32.
- * One scalar path (libm expf, the same operations everywhere); the caller threads it.
+ * One plain-C path (our own exp, vectorized by the compiler, the same results everywhere).
  */
 #ifndef QN_ACT_H
 #define QN_ACT_H
