@@ -40,7 +40,8 @@ def build_experts(rng, m, fmt, distinct=2):
     E, d, ffn = m["E"], m["d"], m["ffn"]
     qs = {}
     for p, shape in (("gate_proj", (ffn, d)), ("up_proj", (ffn, d)), ("down_proj", (d, ffn))):
-        base = [quanta.quantize((rng.standard_normal(shape) * 0.02).astype(np.float32), fmt) for _ in range(distinct)]
+        base = [quanta.quantize((rng.standard_normal(shape) * 0.02).astype(np.float32), fmt)
+                for _ in range(distinct)]
         qs[p] = [base[e % distinct] for e in range(E)]
     return MoEExperts(qs["gate_proj"], qs["up_proj"], qs["down_proj"])
 
@@ -59,13 +60,16 @@ def torch_block(m):
     except ImportError:
         return None
     torch.set_num_threads(THREADS)
-    common = dict(hidden_size=m["d"], intermediate_size=m["ffn"], num_experts_per_tok=m["top_k"], hidden_act="silu")
+    common = dict(hidden_size=m["d"], intermediate_size=m["ffn"], num_experts_per_tok=m["top_k"],
+                  hidden_act="silu")
     if m["E"] == 8:
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as B
         cfg = tf.MixtralConfig(num_local_experts=m["E"], **common)
     else:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as B
-        cfg = tf.Qwen3MoeConfig(num_experts=m["E"], moe_intermediate_size=m["ffn"], norm_topk_prob=True, **common)
+        cfg = tf.Qwen3MoeConfig(num_experts=m["E"], moe_intermediate_size=m["ffn"], norm_topk_prob=True,
+                                **common)
+    cfg._experts_implementation = "eager"
     torch.manual_seed(0)
     blk = B(cfg).eval()
     with torch.no_grad():
@@ -123,7 +127,8 @@ def main():
                     it = iter(range(1 << 30))
                     xs = [pool[i:i + 1] for i in range(64)]
                     out = np.empty((1, d), np.float32)
-                    t = _common.median_time(lambda: ops.moe(xs[next(it) % 64], rw, ex, k, out=out), repeats=reps * 3)
+                    t = _common.median_time(lambda: ops.moe(xs[next(it) % 64], rw, ex, k, out=out),
+                                            repeats=reps * 3)
                     sel = ex.expert_nbytes * k
                     floor = sel / bw
                     tt = t_torch.get(T)
@@ -137,9 +142,10 @@ def main():
                     gop = 2.0 * 3 * d * ffn * T * k
                     tt = t_torch.get(T)
                     rows.append([mname, fmt, T, f"{t * 1e3:.1f}", f"{gop / t / 1e9:.0f} GOP/s", "",
-                                 "" if tt is None else f"{tt * 1e3:.1f}", "" if tt is None else f"{tt / t:.1f}"])
-            print(f"  ({mname} {fmt}: built and checked in {time.perf_counter() - t0:.0f} s, rel err {err:.1e})",
-                  flush=True)
+                                 "" if tt is None else f"{tt * 1e3:.1f}",
+                                 "" if tt is None else f"{tt / t:.1f}"])
+            print(f"  ({mname} {fmt}: built and checked in {time.perf_counter() - t0:.0f} s, "
+                  f"rel err {err:.1e})", flush=True)
     print()
     _common.print_table(["model", "format", "T", "ms", "rate", "of floor", "torch f32 ms", "x torch"], rows)
 

@@ -37,9 +37,9 @@ def route_kwargs(name, E, rng):
 
 def check_route(logits, kw, what):
     w, ids = ops.moe_route(logits, **kw)
-    wr, idr = reference.moe_route(logits, kw["top_k"], kw.get("scoring", "softmax"), kw.get("renormalize", True),
-                                  kw.get("bias"), kw.get("n_group"), kw.get("topk_group"),
-                                  kw.get("routed_scaling", 1.0))
+    wr, idr = reference.moe_route(logits, kw["top_k"], kw.get("scoring", "softmax"),
+                                  kw.get("renormalize", True), kw.get("bias"), kw.get("n_group"),
+                                  kw.get("topk_group"), kw.get("routed_scaling", 1.0))
     assert w.dtype == np.float32 and ids.dtype == np.int32
     np.testing.assert_array_equal(ids, idr, err_msg=what)
     assert_close(w, wr, "moe_route", what)
@@ -113,7 +113,8 @@ def test_deepseek_groups_restrict_choice(rng):
     logits[0, 8:10] = 1.5  # group 2
     w, ids = ops.moe_route(logits, 3, scoring="sigmoid", n_group=ng, topk_group=2, renormalize=False)
     assert set(ids[0].tolist()) <= set(range(4, 12)) | {0}
-    check_route(logits, dict(top_k=3, scoring="sigmoid", renormalize=False, n_group=ng, topk_group=2), "groups")
+    kw = dict(top_k=3, scoring="sigmoid", renormalize=False, n_group=ng, topk_group=2)
+    check_route(logits, kw, "groups")
 
 
 def test_route_extreme_logits(rng):
@@ -205,7 +206,8 @@ def make_experts(rng, E, d, ffn, fmt, fmt_down=None, scale=0.1):
 
 def make_shared(rng, d, ffn, fmt, gated=True):
     q = lambda *s: quanta.quantize((rng.standard_normal(s) * 0.1).astype(np.float32), fmt)  # noqa: E731
-    return SharedExpert(q(ffn, d), q(ffn, d), q(d, ffn), rng.standard_normal(d).astype(np.float32) if gated else None)
+    gate = rng.standard_normal(d).astype(np.float32) if gated else None
+    return SharedExpert(q(ffn, d), q(ffn, d), q(d, ffn), gate)
 
 
 def is_lut(ex):
@@ -241,8 +243,9 @@ def test_moe_route_variants(rng, name):
     ex = make_experts(rng, E, d, ffn, "q8_0")
     rw = rng.standard_normal((E, d)).astype(np.float32)
     x = rng.standard_normal((T, d)).astype(np.float32)
-    shared = make_shared(rng, d, 32, "q8_0", gated=name == "qwen2_moe") if name in ("qwen2_moe", "deepseek_v3",
-                                                                                    "llama4") else None
+    shared = None
+    if name in ("qwen2_moe", "deepseek_v3", "llama4"):
+        shared = make_shared(rng, d, 32, "q8_0", gated=name == "qwen2_moe")
     check_moe(x, rw, ex, route_kwargs(name, E, rng), shared, name)
 
 
@@ -446,8 +449,8 @@ def _hf_block(name, E, d, ffn, top_k, torch, shared_ffn=64):
         kw = dict(top_k=top_k, scoring="softmax", renormalize=True)
     elif name == "qwen2_moe":
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as B
-        cfg = tf.Qwen2MoeConfig(num_experts=E, moe_intermediate_size=ffn, shared_expert_intermediate_size=shared_ffn,
-                                norm_topk_prob=False, **common)
+        cfg = tf.Qwen2MoeConfig(num_experts=E, moe_intermediate_size=ffn, norm_topk_prob=False,
+                                shared_expert_intermediate_size=shared_ffn, **common)
         kw = dict(top_k=top_k, scoring="softmax", renormalize=False)
     elif name == "qwen3_moe":
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as B
@@ -462,9 +465,11 @@ def _hf_block(name, E, d, ffn, top_k, torch, shared_ffn=64):
             from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as B
         except ImportError:
             pytest.skip("transformers has no DeepseekV3MoE")
-        cfg = tf.DeepseekV3Config(n_routed_experts=E, moe_intermediate_size=ffn, n_shared_experts=1, n_group=4,
-                                  topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, **common)
-        kw = dict(top_k=top_k, scoring="sigmoid", renormalize=True, n_group=4, topk_group=2, routed_scaling=2.5)
+        cfg = tf.DeepseekV3Config(n_routed_experts=E, moe_intermediate_size=ffn, n_shared_experts=1,
+                                  n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                  **common)
+        kw = dict(top_k=top_k, scoring="sigmoid", renormalize=True, n_group=4, topk_group=2,
+                  routed_scaling=2.5)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     blk = B(cfg).eval()
@@ -518,7 +523,8 @@ def test_against_transformers(rng, name, fmt):
     shared = None
     sm = getattr(blk, "shared_expert", None) or getattr(blk, "shared_experts", None)
     if sm is not None:
-        qs = [quanta.quantize(getattr(sm, p).weight.detach().numpy(), fmt) for p in ("gate_proj", "up_proj", "down_proj")]
+        qs = [quanta.quantize(getattr(sm, p).weight.detach().numpy(), fmt)
+              for p in ("gate_proj", "up_proj", "down_proj")]
         sgate = getattr(blk, "shared_expert_gate", None)
         shared = SharedExpert(*qs, None if sgate is None else sgate.weight.detach().numpy()[0])
         with torch.no_grad():

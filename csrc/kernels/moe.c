@@ -271,9 +271,9 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
     if (E < 1 || d < 1 || ffn < 1 || !ex->gate || !ex->up || !ex->down)
         return qn_set_error(QN_EINVAL, "moe: experts need E, d, ffn >= 1, got E=%lld d=%lld ffn=%lld", (long long)E,
                             (long long)d, (long long)ffn);
-    if (T < 0 || k < 1 || k > E)
-        return qn_set_error(QN_EINVAL, "moe: top_k must be in 1..%lld, got %lld (T=%lld)", (long long)E, (long long)k,
-                            (long long)T);
+    if (T < 0 || T > INT32_MAX || k < 1 || k > E)
+        return qn_set_error(QN_EINVAL, "moe: top_k must be in 1..%lld, got %lld (T=%lld, at most 2^31 - 1)",
+                            (long long)E, (long long)k, (long long)T);
     if (T > 1 && (ldx < d || ldy < d))
         return qn_set_error(QN_EINVAL, "moe: bad row strides ldx=%lld ldy=%lld for d=%lld", (long long)ldx,
                             (long long)ldy, (long long)d);

@@ -416,8 +416,8 @@ class MoEExperts:
         fd, sd, ad = _stack("experts.down_proj", down_proj)
         E = len(list(gate_proj))
         if len(list(up_proj)) != E or len(list(down_proj)) != E:
-            raise ValueError(f"experts: gate_proj, up_proj and down_proj must hold the same number of experts, got "
-                             f"{E}, {len(list(up_proj))}, {len(list(down_proj))}")
+            raise ValueError(f"experts: gate_proj, up_proj and down_proj must hold the same number of "
+                             f"experts, got {E}, {len(list(up_proj))}, {len(list(down_proj))}")
         ffn, d = sg
         if su != sg:
             raise ValueError(f"experts.up_proj must have the shape of gate_proj {sg}, got {su}")
@@ -429,7 +429,8 @@ class MoEExperts:
         object.__setattr__(self, "formats", (fg, fu, fd))
         object.__setattr__(self, "_arrays", (ag, au, ad))
         object.__setattr__(self, "_c", (fg._c, fu._c, fd._c, E, d, ffn, ag, au, ad))
-        object.__setattr__(self, "nbytes", sum(a.nbytes for arrs in (ag, au, ad) for a in arrs if a is not None))
+        nbytes = sum(a.nbytes for arrs in (ag, au, ad) for a in arrs if a is not None)
+        object.__setattr__(self, "nbytes", nbytes)
 
     def __setattr__(self, name, value):
         raise AttributeError("MoEExperts is immutable")
@@ -471,9 +472,9 @@ class MoEExperts:
                 raise ValueError(f"experts: dict needs keys {_PROJ}, missing {missing}")
             return cls(obj["gate_proj"], obj["up_proj"], obj["down_proj"])
         if isinstance(obj, (list, tuple)) and obj and all(isinstance(o, dict) for o in obj):
-            return cls([o["gate_proj"] for o in obj], [o["up_proj"] for o in obj], [o["down_proj"] for o in obj])
-        raise TypeError(f"experts must be a quanta.formats.MoEExperts, a dict of gate_proj/up_proj/down_proj lists "
-                        f"or a list of per-expert dicts, got {type(obj).__name__}")
+            return cls(*([o[p] for o in obj] for p in _PROJ))
+        raise TypeError(f"experts must be a quanta.formats.MoEExperts, a dict of gate_proj/up_proj/down_proj "
+                        f"lists or a list of per-expert dicts, got {type(obj).__name__}")
 
     def __repr__(self) -> str:
         f = ", ".join(str(x) for x in self.formats)
@@ -522,6 +523,8 @@ class SharedExpert:
         if isinstance(obj, dict):
             missing = [k for k in _PROJ if k not in obj]
             if missing:
-                raise ValueError(f"shared: dict needs keys {_PROJ} (and optionally 'gate'), missing {missing}")
+                raise ValueError(f"shared: dict needs keys {_PROJ} (and optionally 'gate'), "
+                                 f"missing {missing}")
             return cls(obj["gate_proj"], obj["up_proj"], obj["down_proj"], obj.get("gate"))
-        raise TypeError(f"shared must be None, a quanta.formats.SharedExpert or a dict, got {type(obj).__name__}")
+        raise TypeError(f"shared must be None, a quanta.formats.SharedExpert or a dict, "
+                        f"got {type(obj).__name__}")

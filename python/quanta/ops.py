@@ -124,15 +124,16 @@ def _route_args(op, E, top_k, scoring, renormalize, bias, n_group, topk_group, r
         if not 1 <= tg <= ng:
             raise ValueError(f"{op}: topk_group must be in 1..n_group={ng}, got {topk_group}")
         if top_k > tg * (E // ng):
-            raise ValueError(f"{op}: top_k={top_k} exceeds the {tg * (E // ng)} experts of topk_group={tg} groups")
+            raise ValueError(f"{op}: top_k={top_k} exceeds the {tg * (E // ng)} experts of "
+                             f"topk_group={tg} groups")
     elif ng < 0:
         raise ValueError(f"{op}: n_group must be None or >= 1, got {n_group}")
     return (top_k, _SCORING[scoring], int(bool(renormalize)), bias, ng, tg, float(routed_scaling))
 
 
 def moe_route(logits: np.ndarray, top_k: int, scoring: str = "softmax", renormalize: bool = True,
-              bias: Optional[np.ndarray] = None, n_group: Optional[int] = None, topk_group: Optional[int] = None,
-              routed_scaling: float = 1.0, backend: str = "auto"):
+              bias: Optional[np.ndarray] = None, n_group: Optional[int] = None,
+              topk_group: Optional[int] = None, routed_scaling: float = 1.0, backend: str = "auto"):
     """Router of a Mixture-of-Experts block: logits[T, E] -> (weights[T, top_k] float32,
     ids[T, top_k] int32).
 
@@ -162,11 +163,13 @@ def moe_route(logits: np.ndarray, top_k: int, scoring: str = "softmax", renormal
     """
     _dtype_code("moe_route", "logits", logits)
     if logits.ndim != 2 or logits.shape[1] < 1:
-        raise ValueError(f"moe_route: logits must have shape (T, E), got {logits.dtype} with shape {logits.shape}")
+        raise ValueError(f"moe_route: logits must have shape (T, E), got {logits.dtype} with shape "
+                         f"{logits.shape}")
     ra = _route_args("moe_route", logits.shape[1], top_k, scoring, renormalize, bias, n_group, topk_group,
                      routed_scaling)
     if backend == "reference":
-        w, i = reference.moe_route(logits, top_k, scoring, renormalize, ra[3], n_group, topk_group, routed_scaling)
+        w, i = reference.moe_route(logits, top_k, scoring, renormalize, ra[3], n_group, topk_group,
+                                   routed_scaling)
         return w.astype(np.float32), i
     if backend != "auto":
         raise ValueError(f"moe_route: backend must be 'auto' or 'reference', got {backend!r}")
@@ -241,7 +244,8 @@ def moe_experts(x: np.ndarray, weights: np.ndarray, ids: np.ndarray, experts, sh
     """
     ex, sh, xdt, counts = _moe_common("moe_experts", x, experts, shared, out, return_counts)
     if not isinstance(ids, np.ndarray) or ids.dtype != np.int32:
-        raise TypeError(f"moe_experts: ids must be an int32 numpy array, got {getattr(ids, 'dtype', type(ids))}")
+        got = getattr(ids, "dtype", type(ids).__name__)
+        raise TypeError(f"moe_experts: ids must be an int32 numpy array, got {got}")
     if ids.ndim != 2 or ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe_experts: ids must have shape ({x.shape[0]}, k), got {ids.shape}")
     weights = np.ascontiguousarray(weights, dtype=np.float32)
