@@ -1,9 +1,8 @@
-/* act.h — SiLU-gated product of an MLP: y[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + e^-g).
+/* act.h — elementwise activations of the MLP blocks.
  *
- * Inputs float32, float16 or bfloat16 (enum qn_attn_dtype codes 0..2), output float32.
- * Plain C11 loops the compiler vectorizes for the baseline ISA; the driver owns OpenMP over
- * rows (tokens); each row is computed by one thread in a fixed order, so results do not
- * depend on the thread count.
+ * silu_mul: out[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)), float32.
+ * One plain-C path (our own exp, vectorized by the compiler, the same results everywhere);
+ * float16 / bfloat16 inputs through qn_silu_mul_any.
  */
 #ifndef QN_ACT_H
 #define QN_ACT_H
@@ -14,8 +13,17 @@
 extern "C" {
 #endif
 
-/* y[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)). */
-qn_status qn_silu_mul(float *QN_RESTRICT y, const void *gate, const void *up, int dtype, int64_t n);
+/* out[n] = silu(gate[n]) * up[n]; out may alias gate or up. */
+void qn_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+/* Rows of out[M, N] (stride ldo) = silu(gate[M, N] (stride ldg)) * up[M, N] (stride ldu),
+ * rows split over OpenMP threads. */
+qn_status qn_silu_mul_rows(float *out, const float *gate, const float *up, int64_t M, int64_t N, int64_t ldo,
+                           int64_t ldg, int64_t ldu);
+
+/* y[n] = silu(gate[n]) * up[n] for gate and up in float32 (0), float16 (1) or bfloat16 (2);
+ * y float32; the same values as qn_silu_mul on the converted inputs. */
+qn_status qn_silu_mul_any(float *QN_RESTRICT y, const void *gate, const void *up, int dtype, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -18,6 +18,7 @@ const char *qn_dtype_name(int dt) {
     case QN_DT_U16: return "uint16";
     case QN_DT_U64: return "uint64";
     case QN_DT_F64: return "float64";
+    case QN_DT_I64: return "int64";
     default: return "?";
     }
 }
@@ -39,6 +40,7 @@ static int dtype_matches(PyArray_Descr *d, int dt) {
     case QN_DT_U16: return t == NPY_UINT16;
     case QN_DT_U64: return t == NPY_UINT64;
     case QN_DT_F64: return t == NPY_FLOAT64;
+    case QN_DT_I64: return t == NPY_INT64;
     default: return 0;
     }
 }

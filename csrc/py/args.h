@@ -17,7 +17,7 @@
 #include "../qn_formats.h"
 
 /* dtype codes shared with python/quanta/ops.py */
-enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6, QN_DT_U64 = 7, QN_DT_F64 = 8 };
+enum { QN_DT_F32 = 0, QN_DT_F16 = 1, QN_DT_BF16 = 2, QN_DT_U8 = 3, QN_DT_I8 = 4, QN_DT_I32 = 5, QN_DT_U16 = 6, QN_DT_U64 = 7, QN_DT_F64 = 8, QN_DT_I64 = 9 };
 
 /* What an array argument must be. ndim and shape entries < 0 are not checked. */
 typedef struct qn_arrspec {
@@ -46,6 +46,11 @@ void qn_py_workspace_release(void *p);
 /* A format descriptor from its packed bytes (made by _C.make_format). */
 const qn_format *qn_py_format(PyObject *obj, const char *op);
 
+/* Validates the arrays arr[0..4] (codes, scales, offsets, supers, super_mins) of a
+ * quantized matrix [N, K] in format f and fills w; -1 with an exception set on failure. */
+int qn_py_get_qweight(const char *op, const qn_format *f, int64_t N, int64_t K, PyObject *const *arr, int writeable,
+                      qn_qweight *w);
+
 /* Binding entry points defined in py_*.c, listed in module.c's method table. */
 PyObject *qn_py_make_format(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
@@ -60,5 +65,7 @@ PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_moe_route(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

@@ -102,6 +102,12 @@ static PyMethodDef methods[] = {
      "silu_mul(gate[n], up[n], dtype, out) -> out[n]"},
     {"rope", (PyCFunction)(void (*)(void))qn_py_rope, METH_FASTCALL,
      "rope(x[T, nh, D], positions[T], inv_freq[rot / 2], mscale, neox) (in place)"},
+    {"moe_route", (PyCFunction)(void (*)(void))qn_py_moe_route, METH_FASTCALL,
+     "moe_route(logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)"
+     " -> (weights, ids)"},
+    {"moe", (PyCFunction)(void (*)(void))qn_py_moe, METH_FASTCALL,
+     "moe(x, xdtype, logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling,"
+     " weights, ids, experts, shared, out, counts) -> out"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -136,9 +136,11 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (!u) return NULL;
     PyArrayObject *out = get_out(op, args[3], g);
     if (!out) return NULL;
-    if (args[3] != Py_None && (overlaps(out, g) || overlaps(out, u))) {
+    /* elementwise: out may be gate or up itself, but not a shifted overlap of them */
+    if (args[3] != Py_None && ((overlaps(out, g) && PyArray_DATA(out) != PyArray_DATA(g)) ||
+                               (overlaps(out, u) && PyArray_DATA(out) != PyArray_DATA(u)))) {
         Py_DECREF(out);
-        return PyErr_Format(PyExc_ValueError, "%s: out must not overlap gate or up", op);
+        return PyErr_Format(PyExc_ValueError, "%s: out must be gate, up, or not overlap them", op);
     }
     qn_py_apply_threads();
     qn_status st;
@@ -146,7 +148,7 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     const void *gp = PyArray_DATA(g), *up = PyArray_DATA(u);
     int64_t n = PyArray_DIM(g, 0);
     Py_BEGIN_ALLOW_THREADS
-    st = qn_silu_mul(y, gp, up, dt, n);
+    st = qn_silu_mul_any(y, gp, up, dt, n);
     Py_END_ALLOW_THREADS
     if (st) { Py_DECREF(out); return qn_raise_status(st); }
     return (PyObject *)out;

@@ -120,6 +120,11 @@ static int get_qweight(const char *op, const qn_format *f, int64_t N, int64_t K,
     return 0;
 }
 
+int qn_py_get_qweight(const char *op, const qn_format *f, int64_t N, int64_t K, PyObject *const *arr, int writeable,
+                      qn_qweight *w) {
+    return get_qweight(op, f, N, K, arr, writeable, w);
+}
+
 /* quantize(w, fmt, codes, scales, offsets, supers, super_mins) */
 PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;

@@ -7,7 +7,7 @@
 from . import _C
 from . import cuda, formats, ops, reference
 from ._info import info, print_info
-from .formats import Format, QuantizedTensor, quantize
+from .formats import Format, MoEExperts, QuantizedTensor, SharedExpert, quantize
 from .kv_cache import KVCache, KVCacheFullError
 
 __version__ = "0.1.0"
@@ -22,5 +22,5 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
-__all__ = ["cuda", "KVCache", "KVCacheFullError", "Format", "QuantizedTensor", "quantize", "ops", "formats", "reference", "info", "print_info",
+__all__ = ["cuda", "KVCache", "KVCacheFullError", "Format", "QuantizedTensor", "MoEExperts", "SharedExpert", "quantize", "ops", "formats", "reference", "info", "print_info",
            "set_num_threads", "get_num_threads", "__version__"]

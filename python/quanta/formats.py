@@ -367,3 +367,164 @@ def quantize(w: np.ndarray, fmt: Union[str, Format]) -> QuantizedTensor:
               for name, spec in fmt.array_specs(N, K).items()}
     _C.quantize(w32, fmt._c, *(arrays[n] for n in _ARRAYS))
     return QuantizedTensor(fmt, (N, K), **arrays)
+
+
+# ---- Mixture-of-Experts weights -----------------------------------------------------------
+
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _stack(name: str, qts) -> tuple:
+    """One projection's experts -> (format, (N, K), arrays concatenated along the panel axis)."""
+    qts = list(qts)
+    if not qts:
+        raise ValueError(f"{name} must hold at least one QuantizedTensor")
+    for e, q in enumerate(qts):
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"{name}[{e}] must be a quanta.QuantizedTensor, got {type(q).__name__}")
+        if q.shape != qts[0].shape:
+            raise ValueError(f"{name}[{e}] has shape {q.shape}, expert 0 has {qts[0].shape}")
+        if q.format != qts[0].format:
+            raise ValueError(f"{name}[{e}] has format {q.format}, expert 0 has {qts[0].format}")
+    arrays = tuple(None if a is None else np.concatenate([q.arrays[i] for q in qts], axis=0)
+                   for i, a in enumerate(qts[0].arrays))
+    return qts[0].format, qts[0].shape, arrays
+
+
+class MoEExperts:
+    """The routed experts of one MoE block, stacked for the fused kernel.
+
+    Expert e computes ``down_proj[e] @ (silu(gate_proj[e] @ x) * up_proj[e] @ x)`` with
+    gate_proj[e], up_proj[e] of shape (ffn, d) and down_proj[e] of shape (d, ffn). All
+    experts of one projection share one format (projections may differ: e.g. q4_k gate/up
+    and q6_k down). Build it once per layer; the three projections are stored stacked
+    (each array of all E experts concatenated along its panel axis, as GGUF stores
+    expert tensors), so a call validates 15 arrays whatever E is.
+
+    ``MoEExperts(gate_proj=[E QuantizedTensor], up_proj=[...], down_proj=[...])``,
+    ``MoEExperts.from_float(gate[E, ffn, d], up[E, ffn, d], down[E, d, ffn], fmt)``, or
+    ``MoEExperts.coerce(obj)`` for a dict with those three keys or a list of per-expert
+    dicts. Attributes: E, d, ffn, formats (gate, up, down), nbytes, expert_nbytes;
+    ``experts[e]`` gives expert e's three QuantizedTensors (views, no copy).
+    """
+
+    __slots__ = ("E", "d", "ffn", "formats", "_arrays", "_c", "nbytes")
+
+    def __init__(self, gate_proj, up_proj, down_proj):
+        fg, sg, ag = _stack("experts.gate_proj", gate_proj)
+        fu, su, au = _stack("experts.up_proj", up_proj)
+        fd, sd, ad = _stack("experts.down_proj", down_proj)
+        E = len(list(gate_proj))
+        if len(list(up_proj)) != E or len(list(down_proj)) != E:
+            raise ValueError(f"experts: gate_proj, up_proj and down_proj must hold the same number of "
+                             f"experts, got {E}, {len(list(up_proj))}, {len(list(down_proj))}")
+        ffn, d = sg
+        if su != sg:
+            raise ValueError(f"experts.up_proj must have the shape of gate_proj {sg}, got {su}")
+        if sd != (d, ffn):
+            raise ValueError(f"experts.down_proj must have shape {(d, ffn)}, got {sd}")
+        object.__setattr__(self, "E", E)
+        object.__setattr__(self, "d", d)
+        object.__setattr__(self, "ffn", ffn)
+        object.__setattr__(self, "formats", (fg, fu, fd))
+        object.__setattr__(self, "_arrays", (ag, au, ad))
+        object.__setattr__(self, "_c", (fg._c, fu._c, fd._c, E, d, ffn, ag, au, ad))
+        nbytes = sum(a.nbytes for arrs in (ag, au, ad) for a in arrs if a is not None)
+        object.__setattr__(self, "nbytes", nbytes)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("MoEExperts is immutable")
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert's three matrices."""
+        return self.nbytes // self.E
+
+    def __len__(self) -> int:
+        return self.E
+
+    def __getitem__(self, e: int) -> dict:
+        if not -self.E <= e < self.E:
+            raise IndexError(f"expert {e} out of range for {self.E} experts")
+        e %= self.E
+        out = {}
+        for name, fmt, arrays, shape in zip(_PROJ, self.formats, self._arrays,
+                                            ((self.ffn, self.d), (self.ffn, self.d), (self.d, self.ffn))):
+            np_ = -(-shape[0] // PANEL)
+            out[name] = QuantizedTensor(fmt, shape, *(None if a is None else a[e * np_:(e + 1) * np_]
+                                                      for a in arrays))
+        return out
+
+    @classmethod
+    def from_float(cls, gate, up, down, fmt, fmt_down=None) -> "MoEExperts":
+        """Quantize float gate[E, ffn, d], up[E, ffn, d], down[E, d, ffn] (down in fmt_down if given)."""
+        fd = fmt if fmt_down is None else fmt_down
+        return cls([quantize(np.asarray(g), fmt) for g in gate], [quantize(np.asarray(u), fmt) for u in up],
+                   [quantize(np.asarray(w), fd) for w in down])
+
+    @classmethod
+    def coerce(cls, obj) -> "MoEExperts":
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, dict):
+            missing = [k for k in _PROJ if k not in obj]
+            if missing:
+                raise ValueError(f"experts: dict needs keys {_PROJ}, missing {missing}")
+            return cls(obj["gate_proj"], obj["up_proj"], obj["down_proj"])
+        if isinstance(obj, (list, tuple)) and obj and all(isinstance(o, dict) for o in obj):
+            return cls(*([o[p] for o in obj] for p in _PROJ))
+        raise TypeError(f"experts must be a quanta.formats.MoEExperts, a dict of gate_proj/up_proj/down_proj "
+                        f"lists or a list of per-expert dicts, got {type(obj).__name__}")
+
+    def __repr__(self) -> str:
+        f = ", ".join(str(x) for x in self.formats)
+        return f"MoEExperts(E={self.E}, d={self.d}, ffn={self.ffn}, formats=({f}), nbytes={self.nbytes})"
+
+
+class SharedExpert:
+    """A shared expert applied to every token (Qwen2-MoE, DeepSeek, Llama-4): gate_proj,
+    up_proj (ffn, d), down_proj (d, ffn) QuantizedTensors, and an optional float gate[d]
+    (Qwen2-MoE's shared_expert_gate): the output is scaled by sigmoid(x . gate).
+    ``SharedExpert.coerce`` accepts a dict with those keys ("gate" optional)."""
+
+    __slots__ = ("d", "ffn", "formats", "gate", "_c", "nbytes", "_qts")
+
+    def __init__(self, gate_proj, up_proj, down_proj, gate=None):
+        fg, sg, ag = _stack("shared.gate_proj", [gate_proj])
+        fu, su, au = _stack("shared.up_proj", [up_proj])
+        fd, sd, ad = _stack("shared.down_proj", [down_proj])
+        ffn, d = sg
+        if su != sg:
+            raise ValueError(f"shared.up_proj must have the shape of gate_proj {sg}, got {su}")
+        if sd != (d, ffn):
+            raise ValueError(f"shared.down_proj must have shape {(d, ffn)}, got {sd}")
+        if gate is not None:
+            gate = np.ascontiguousarray(np.asarray(gate, dtype=np.float32).reshape(-1))
+            if gate.shape != (d,):
+                raise ValueError(f"shared.gate must have {d} values, got {gate.size}")
+        object.__setattr__(self, "d", d)
+        object.__setattr__(self, "ffn", ffn)
+        object.__setattr__(self, "formats", (fg, fu, fd))
+        object.__setattr__(self, "gate", gate)
+        object.__setattr__(self, "_qts", (gate_proj, up_proj, down_proj))
+        object.__setattr__(self, "_c", (fg._c, fu._c, fd._c, ffn, ag, au, ad, gate))
+        object.__setattr__(self, "nbytes", gate_proj.nbytes + up_proj.nbytes + down_proj.nbytes)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("SharedExpert is immutable")
+
+    def __getitem__(self, name: str):
+        return dict(zip(_PROJ, self._qts))[name]
+
+    @classmethod
+    def coerce(cls, obj) -> "SharedExpert":
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, dict):
+            missing = [k for k in _PROJ if k not in obj]
+            if missing:
+                raise ValueError(f"shared: dict needs keys {_PROJ} (and optionally 'gate'), "
+                                 f"missing {missing}")
+            return cls(obj["gate_proj"], obj["up_proj"], obj["down_proj"], obj.get("gate"))
+        raise TypeError(f"shared must be None, a quanta.formats.SharedExpert or a dict, "
+                        f"got {type(obj).__name__}")

@@ -338,3 +338,159 @@ def rope(q: np.ndarray, k: Optional[np.ndarray], positions: np.ndarray, theta: f
     for x in (q, k):
         if x is not None:
             _C.rope(x, positions, inv, float(att), style == "neox")
+
+
+# ---- Mixture-of-Experts ------------------------------------------------------------------
+
+_SCORING = {"softmax": 0, "sigmoid": 1}
+
+
+def _route_args(op, E, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling):
+    if scoring not in _SCORING:
+        raise ValueError(f"{op}: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    top_k = int(top_k)
+    if not 1 <= top_k <= E:
+        raise ValueError(f"{op}: top_k must be in 1..{E} (the number of experts), got {top_k}")
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (E,):
+            raise ValueError(f"{op}: bias must have shape ({E},), got {bias.dtype} with shape {bias.shape}")
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+    ng = 0 if n_group is None else int(n_group)
+    tg = 0 if topk_group is None else int(topk_group)
+    if ng > 1:
+        if E % ng:
+            raise ValueError(f"{op}: n_group={ng} must divide the number of experts {E}")
+        if not 1 <= tg <= ng:
+            raise ValueError(f"{op}: topk_group must be in 1..n_group={ng}, got {topk_group}")
+        if top_k > tg * (E // ng):
+            raise ValueError(f"{op}: top_k={top_k} exceeds the {tg * (E // ng)} experts of "
+                             f"topk_group={tg} groups")
+    elif ng < 0:
+        raise ValueError(f"{op}: n_group must be None or >= 1, got {n_group}")
+    return (top_k, _SCORING[scoring], int(bool(renormalize)), bias, ng, tg, float(routed_scaling))
+
+
+def moe_route(logits: np.ndarray, top_k: int, scoring: str = "softmax", renormalize: bool = True,
+              bias: Optional[np.ndarray] = None, n_group: Optional[int] = None,
+              topk_group: Optional[int] = None, routed_scaling: float = 1.0, backend: str = "auto"):
+    """Router of a Mixture-of-Experts block: logits[T, E] -> (weights[T, top_k] float32,
+    ids[T, top_k] int32).
+
+    Per token: scores = softmax(logits) or sigmoid(logits) (float32). The top_k experts are
+    chosen by the logits themselves when neither bias nor groups are given (scores are
+    monotone in them), else by scores + bias (bias[E] is used for the choice only). With
+    n_group > 1 the E experts form n_group consecutive groups, a group's key is the sum of
+    its two largest keys, and only the topk_group best groups compete. weights = the
+    unbiased scores of the chosen experts, divided by their sum when renormalize, times
+    routed_scaling. Ties go to the lower expert (group) id; each row of ids is sorted by
+    descending weight, ties by ascending id.
+
+    ==================  ==========================================================================
+    model family        arguments
+    ==================  ==========================================================================
+    Mixtral             scoring="softmax", top_k=2, renormalize=True
+    Qwen2-MoE           scoring="softmax", top_k=4 (config), renormalize=False (norm_topk_prob)
+    Qwen3-MoE, OLMoE    scoring="softmax", top_k=8, renormalize=config.norm_topk_prob
+    DeepSeek-V3         scoring="sigmoid", top_k=8, bias=e_score_correction_bias, n_group=8,
+                        topk_group=4, renormalize=config.norm_topk_prob, routed_scaling=2.5
+    Llama-4             scoring="sigmoid", top_k=1, renormalize=False (top-1 on the logits, weight
+                        sigmoid(chosen logit): the same thing)
+    ==================  ==========================================================================
+
+    logits: float32, float16 or bfloat16 (T, E) with contiguous rows; T may be 0.
+    backend: "auto" (C) or "reference" (float64 NumPy, for tests).
+    """
+    _dtype_code("moe_route", "logits", logits)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"moe_route: logits must have shape (T, E), got {logits.dtype} with shape "
+                         f"{logits.shape}")
+    ra = _route_args("moe_route", logits.shape[1], top_k, scoring, renormalize, bias, n_group, topk_group,
+                     routed_scaling)
+    if backend == "reference":
+        w, i = reference.moe_route(logits, top_k, scoring, renormalize, ra[3], n_group, topk_group,
+                                   routed_scaling)
+        return w.astype(np.float32), i
+    if backend != "auto":
+        raise ValueError(f"moe_route: backend must be 'auto' or 'reference', got {backend!r}")
+    return _C.moe_route(logits, _dtype_code("moe_route", "logits", logits), *ra)
+
+
+def _moe_common(op, x, experts, shared, out, return_counts):
+    from .formats import MoEExperts, SharedExpert
+    ex = MoEExperts.coerce(experts)
+    sh = None if shared is None else SharedExpert.coerce(shared)
+    if sh is not None and sh.d != ex.d:
+        raise ValueError(f"{op}: shared expert has d={sh.d}, the experts have d={ex.d}")
+    xdt = _dtype_code(op, "x", x)
+    if x.ndim != 2 or x.shape[1] != ex.d:
+        raise ValueError(f"{op}: x must have shape (T, {ex.d}), got {x.dtype} with shape {x.shape}")
+    counts = np.zeros(ex.E, np.int64) if return_counts else None
+    return ex, sh, xdt, counts
+
+
+def moe(x: np.ndarray, router_w: np.ndarray, experts, top_k: int, scoring: str = "softmax",
+        renormalize: bool = True, bias: Optional[np.ndarray] = None, n_group: Optional[int] = None,
+        topk_group: Optional[int] = None, routed_scaling: float = 1.0, shared=None,
+        out: Optional[np.ndarray] = None, return_counts: bool = False, backend: str = "auto"):
+    """A whole Mixture-of-Experts block: y[T, d] from x[T, d].
+
+    logits[T, E] = x @ router_w[E, d]^T (float32, NumPy/BLAS), then in one C call: routing
+    as in `moe_route` (same arguments), a stable permutation of the (token, slot) pairs by
+    expert, per expert with tokens its quantized gate/up matmuls, silu(gate) * up, the
+    down matmul, and y[t] += weight * row, experts visited in id order (deterministic, the
+    same for any thread count); experts without tokens cost nothing. Plus the shared
+    expert when given: y[t] += sigmoid(x_t . shared.gate) * shared(x_t) (no sigmoid factor
+    when shared has no gate).
+
+    x: float32, float16 or bfloat16 (T, d), contiguous rows; T may be 0.
+    router_w: float (E, d). experts: `quanta.formats.MoEExperts` (build it once; a dict of
+    gate_proj/up_proj/down_proj lists or a list of per-expert dicts is converted per call).
+    shared: None, `quanta.formats.SharedExpert` or a dict (gate_proj, up_proj, down_proj,
+    optional gate[d]). out: optional float32 (T, d).
+    Integer formats quantize the activations entering each matmul to int8 (see `qmatmul`).
+    Returns y, or (y, counts int64[E]: tokens per expert) when return_counts.
+    backend: "auto" (C) or "reference" (float64 NumPy from dequantized weights).
+    """
+    ex, sh, xdt, counts = _moe_common("moe", x, experts, shared, out, return_counts)
+    router_w = np.asarray(router_w)
+    if router_w.shape != (ex.E, ex.d):
+        raise ValueError(f"moe: router_w must have shape ({ex.E}, {ex.d}), got {router_w.dtype} with shape "
+                         f"{router_w.shape}")
+    ra = _route_args("moe", ex.E, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)
+    if backend == "reference":
+        y, c = reference.moe(x, router_w, ex, top_k, scoring, renormalize, ra[3], n_group, topk_group,
+                             routed_scaling, sh)
+        y = y.astype(np.float32)
+        if out is not None:
+            out[...] = y
+            y = out
+        return (y, c) if return_counts else y
+    if backend != "auto":
+        raise ValueError(f"moe: backend must be 'auto' or 'reference', got {backend!r}")
+    rw = router_w if router_w.dtype == np.float32 else router_w.astype(np.float32)
+    logits = np.asarray(x, dtype=np.float32) @ rw.T
+    y = _C.moe(x, xdt, logits, 0, *ra, None, None, ex._c, None if sh is None else sh._c, out, counts)
+    return (y, counts) if return_counts else y
+
+
+def moe_experts(x: np.ndarray, weights: np.ndarray, ids: np.ndarray, experts, shared=None,
+                out: Optional[np.ndarray] = None, return_counts: bool = False):
+    """The expert half of `moe` under a given routing: y[T, d] = sum_j weights[t, j] *
+    expert_{ids[t, j]}(x_t) (+ the shared expert), same kernel and order as `moe`.
+
+    weights: float32 (T, k); ids: int32 (T, k), each in [0, E) and distinct within a row
+    (else ValueError naming ids). Other arguments as in `moe`.
+    """
+    ex, sh, xdt, counts = _moe_common("moe_experts", x, experts, shared, out, return_counts)
+    if not isinstance(ids, np.ndarray) or ids.dtype != np.int32:
+        got = getattr(ids, "dtype", type(ids).__name__)
+        raise TypeError(f"moe_experts: ids must be an int32 numpy array, got {got}")
+    if ids.ndim != 2 or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: ids must have shape ({x.shape[0]}, k), got {ids.shape}")
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if weights.shape != ids.shape:
+        raise ValueError(f"moe_experts: weights must have the shape of ids {ids.shape}, got {weights.shape}")
+    y = _C.moe(x, xdt, None, 0, 1, 0, 0, None, 0, 0, 1.0, weights, np.ascontiguousarray(ids), ex._c,
+               None if sh is None else sh._c, out, counts)
+    return (y, counts) if return_counts else y

@@ -219,3 +219,83 @@ def rope(x, positions, inv_freq, mscale=1.0, neox=True):
     x[..., i1] = x1 * c - x2 * s
     x[..., i2] = x1 * s + x2 * c
     return x
+
+
+# ---- Mixture-of-Experts ------------------------------------------------------------------
+
+def moe_route(logits: np.ndarray, top_k: int, scoring: str = "softmax", renormalize: bool = True, bias=None,
+              n_group=None, topk_group=None, routed_scaling: float = 1.0):
+    """float64 twin of quanta.ops.moe_route: (weights[T, k] float64, ids[T, k] int32), same
+    selection rule, ties to the lower id, rows sorted by (-weight, id)."""
+    L = np.asarray(logits).astype(np.float64)
+    T, E = L.shape
+    if scoring == "softmax":
+        z = np.exp(L - L.max(axis=1, keepdims=True))
+        S = z / z.sum(axis=1, keepdims=True)
+    else:
+        S = 1.0 / (1.0 + np.exp(-L))
+    grouped = n_group is not None and n_group > 1
+    if bias is None and not grouped:
+        K = L
+    else:
+        K = S + (0.0 if bias is None else np.asarray(bias, np.float64)[None, :])
+    W = np.zeros((T, top_k))
+    ids = np.zeros((T, top_k), np.int32)
+    for t in range(T):
+        cand = np.arange(E)
+        if grouped:
+            gs = E // n_group
+            gkey = np.array([np.sort(K[t, g * gs:(g + 1) * gs])[::-1][:2].sum() for g in range(n_group)])
+            keep = np.lexsort((np.arange(n_group), -gkey))[:topk_group]
+            cand = np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in sorted(keep)])
+        order = cand[np.lexsort((cand, -K[t, cand]))][:top_k]
+        w = S[t, order]
+        if renormalize and w.sum() > 0:
+            w = w / w.sum()
+        w = w * routed_scaling
+        o2 = np.lexsort((order, -w))
+        W[t], ids[t] = w[o2], order[o2]
+    return W, ids
+
+
+def _mlp(x, gate, up, down, act_quant):
+    g = qmatmul(x, gate, act_quant=act_quant)
+    u = qmatmul(x, up, act_quant=act_quant)
+    h = silu_mul(g, u)
+    return qmatmul(h.astype(np.float32) if act_quant else h, down, act_quant=act_quant)
+
+
+def moe_experts(x, weights, ids, experts, shared=None, act_quant: bool = False):
+    """float64 y[T, d] = sum_j weights[t, j] * expert_{ids[t, j]}(x_t) + the shared expert
+    (times sigmoid(x_t . gate) when it has a gate), with dequantized weights; act_quant
+    models the int8 activations of the integer formats (x and silu * up, rounded to float32
+    first). Returns (y, counts[E])."""
+    T = x.shape[0]
+    E, d = experts.E, experts.d
+    y = np.zeros((T, d))
+    xin = np.asarray(x, np.float32) if act_quant else np.asarray(x).astype(np.float64)
+    ids = np.asarray(ids)
+    for e in range(E):
+        rows, slots = np.nonzero(ids == e)
+        if rows.size == 0:
+            continue
+        ex = experts[e]
+        o = _mlp(xin[rows], ex["gate_proj"], ex["up_proj"], ex["down_proj"], act_quant)
+        y[rows] += np.asarray(weights, np.float64)[rows, slots][:, None] * o
+    if shared is not None and T > 0:
+        o = _mlp(xin, shared["gate_proj"], shared["up_proj"], shared["down_proj"], act_quant)
+        if shared.gate is not None:
+            z = np.asarray(x).astype(np.float64) @ shared.gate.astype(np.float64)
+            o = o / (1.0 + np.exp(-z))[:, None]
+        y += o
+    counts = np.bincount(ids.ravel(), minlength=E).astype(np.int64)
+    return y, counts
+
+
+def moe(x, router_w, experts, top_k, scoring="softmax", renormalize=True, bias=None, n_group=None,
+        topk_group=None, routed_scaling=1.0, shared=None, act_quant: bool = False):
+    """float64 twin of quanta.ops.moe. The router logits are the float32 product
+    x @ router_w^T that the kernel path routes on, so both choose the same experts."""
+    logits = np.asarray(x, np.float32) @ np.asarray(router_w, np.float32).T
+    w, ids = moe_route(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)
+    return moe_experts(x, w, ids, experts, shared, act_quant)
