@@ -1,10 +1,11 @@
 """Benchmark of quanta._C.matmul (y[M, N] = x[M, K] @ w[N, K]^T) against NumPy's float32 matmul.
 
-    python benchmarks/bench_matmul.py [--threads 2] [--runs 10] [--n 4096] [--k 4096]
+    PYTHONPATH=python python benchmarks/bench_matmul.py [--threads 2] [--runs 10] [--m 1 16 64 512]
 
 Both run with the same thread count (OMP_NUM_THREADS / OPENBLAS_NUM_THREADS, set before
 NumPy and quanta are imported). Every case first checks the kernel's output against NumPy in
-float64, then reports the median of --runs timed calls. Weights are rotated through several
+float64, then reports the median of --runs timed calls (after a pause, so that the other library's worker
+threads have stopped spinning). Weights are rotated through several
 copies totalling >= 256 MB so that they come from memory, as in decode. GEMV (M = 1) is
 reported as GB/s of weights read, GEMM (M = 16, 64, 512) as GFLOP/s (2*M*N*K); ratio is
 NumPy's time / quanta's time for the same M (> 1: quanta is faster).
@@ -44,6 +45,9 @@ NAMES = {0: "f32", 1: "f16", 2: "bf16"}
 
 
 def median_time(fn, runs):
+    # OpenBLAS and OpenMP worker threads spin for a while after a call; on a 2-core machine
+    # the spinning threads of one library would steal a core from the other's timed calls
+    time.sleep(0.5)
     fn()  # warm-up
     ts = []
     for _ in range(runs):

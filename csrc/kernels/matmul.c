@@ -1,10 +1,10 @@
 /* matmul.c — driver and scalar reference kernels for y[M, N] = x[M, K] @ w[N, K]^T.
  *
  * x, w: row-major fp32 / fp16 / bf16 (any pair); y: fp32, accumulated in fp32.
- * M <= QN_MM_DOT_MAX_M: x is converted to fp32 once, then tiles of QN_MM_DOT_NB columns
- * (rows of w) run in parallel with the dot kernel. Larger M: tiles of up to QN_MM_MB rows x
- * QN_MM_NB columns run in parallel with the GEMM kernel, each thread packing w into its own
- * panel of the workspace. The operation order of an output element is fixed by the
+ * M <= QN_MM_DOT_MAX_M: x is converted to fp32 once, then tiles of up to QN_MM_DOT_NB
+ * columns (rows of w) run in parallel with the dot kernel. Larger M: tiles of up to QN_MM_MB
+ * rows x QN_MM_NB columns run in parallel with the GEMM kernel, each thread packing w into
+ * its own panel of the workspace. The operation order of an output element is fixed by the
  * formulation (see matmul.h), so results do not depend on the thread count or the ISA.
  */
 #include "matmul.h"
@@ -17,7 +17,8 @@
 #include <omp.h>
 #endif
 
-#define QN_MM_DOT_NB 64 /* columns per dot tile */
+#define QN_MM_DOT_NB 64 /* most columns per dot tile */
+#define QN_MM_TILES_PER_THREAD 4 /* narrower tiles until there are about this many */
 
 QN_INLINE int64_t mm_elsize(int dt) { return dt == QN_MM_F32 ? 4 : 2; }
 
@@ -155,10 +156,12 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
             xf = buf;
             ldxf = pl.ldxf;
         }
-        int64_t n_tiles = qn_ceil_div(N, QN_MM_DOT_NB);
+        /* tile width never changes a result, only how evenly the threads share the work */
+        int64_t nb = qn_min64(QN_MM_DOT_NB, qn_round_up(qn_ceil_div(N, QN_MM_TILES_PER_THREAD * nth), 8));
+        int64_t n_tiles = qn_ceil_div(N, nb);
 #pragma omp parallel for schedule(static) num_threads(nth)
         for (int64_t t = 0; t < n_tiles; t++) {
-            int64_t n0 = t * QN_MM_DOT_NB;
+            int64_t n0 = t * nb;
             qn_mm_tile tile;
             memset(&tile, 0, sizeof tile);
             tile.y = y + n0;
@@ -170,17 +173,22 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
             tile.ldw = ldw;
             tile.wdtype = wdtype;
             tile.mr = M;
-            tile.nr = qn_min64(QN_MM_DOT_NB, N - n0);
+            tile.nr = qn_min64(nb, N - n0);
             tile.K = K;
             kd.mm_dot(&tile);
         }
         return QN_OK;
     }
 
-    /* Tiles in column-block-major order, so a thread's consecutive tiles share w's rows. */
-    int64_t n_nb = qn_ceil_div(N, QN_MM_NB), n_mb = qn_ceil_div(M, QN_MM_MB);
+    /* Tiles of at most QN_MM_MB x QN_MM_NB, narrower (in steps of 48 columns, a micro-panel
+     * of every ISA) while there are fewer than about QN_MM_TILES_PER_THREAD per thread; in
+     * column-block-major order, so a thread's consecutive tiles share w's rows. */
+    int64_t n_mb = qn_ceil_div(M, QN_MM_MB);
     int64_t mb = qn_round_up(qn_ceil_div(M, n_mb), 16);
     n_mb = qn_ceil_div(M, mb);
+    int64_t want_nb = qn_ceil_div(QN_MM_TILES_PER_THREAD * nth, n_mb);
+    int64_t nb = qn_min64(QN_MM_NB, qn_max64(48, qn_round_up(qn_ceil_div(N, want_nb), 48)));
+    int64_t n_nb = qn_ceil_div(N, nb);
     int64_t n_tiles = n_nb * n_mb;
     char *scratch0 = wsp + pl.xf_bytes;
 #pragma omp parallel num_threads(nth)
@@ -188,7 +196,7 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
         char *scr = scratch0 + (int64_t)thread_num() * pl.scratch_bytes;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tiles; t++) {
-            int64_t n0 = (t / n_mb) * QN_MM_NB, m0 = (t % n_mb) * mb;
+            int64_t n0 = (t / n_mb) * nb, m0 = (t % n_mb) * mb;
             qn_mm_tile tile;
             memset(&tile, 0, sizeof tile);
             tile.y = y + m0 * ldy + n0;
@@ -200,7 +208,7 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
             tile.ldw = ldw;
             tile.wdtype = wdtype;
             tile.mr = qn_min64(mb, M - m0);
-            tile.nr = qn_min64(QN_MM_NB, N - n0);
+            tile.nr = qn_min64(nb, N - n0);
             tile.K = K;
             tile.panel = (float *)scr;
             tile.xblock = xdtype != QN_MM_F32 ? (float *)(scr + pl.panel_bytes) : NULL;

@@ -1,11 +1,12 @@
 /* matmul_avx2.c — AVX2 + FMA + F16C tile kernels for matmul.h, y = x @ w^T.
  *
  * dot (GEMV): the 16-lane partial sum of an output is held as two ymm (lanes 0-7 and
- * 8-15 of the formulation); blocks of 1-2 rows of x meet 2-4 rows of w, fp16/bf16 widened
- * on load. Adding the two halves first is the first step of the same lane tree.
- * gemm: per K block of QN_MM_KC, w[nr, kc] is transposed into micro-panels [kc][16] (8x8
- * in-register transposes), then a 6 x 16 micro-kernel (12 ymm accumulators, x broadcast)
- * walks k in order. Single-threaded: matmul.c owns the threads.
+ * 8-15 of the formulation); a group of 2-4 rows of w (fp16/bf16 widened on load) meets the
+ * rows of x 1-2 at a time. Adding the two halves first is the first step of the lane tree.
+ * gemm: per K block of QN_MM_KC, 16 rows of w at a time are transposed into a micro-panel
+ * [kc][16] (8x8 in-register transposes) while the next 16 rows are prefetched, then a
+ * 6 x 16 micro-kernel (12 ymm accumulators, x broadcast) walks k in order over all rows of
+ * x. Single-threaded: matmul.c owns the threads.
  */
 #include <immintrin.h>
 
@@ -189,14 +190,10 @@ QN_INLINE void pack_panel(float *QN_RESTRICT dst, const qn_mm_tile *t, int64_t n
     }
 }
 
-QN_INLINE void store_cols(float *y, __m256 v, int64_t n) {
-    if (n >= 8) {
-        _mm256_storeu_ps(y, v);
-    } else if (n > 0) {
-        float buf[8];
-        _mm256_storeu_ps(buf, v);
-        memcpy(y, buf, (size_t)n * 4);
-    }
+/* Lanes [0, n) of a ymm (n may be <= 0 or >= 8) as a vmaskmovps mask. */
+QN_INLINE __m256i lane_mask(int64_t n) {
+    int c = (int)(n < 0 ? 0 : n > 8 ? 8 : n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 /* y[BM, NV*8] = (first ? 0 + : y +) x[BM, kc] @ panel[kc, NV*8], the block sum being an
@@ -205,6 +202,8 @@ QN_INLINE void ukernel(float *QN_RESTRICT y, int64_t ldy, const float *QN_RESTRI
                        const float *QN_RESTRICT p, int64_t kc, int first, int64_t ncols, const int BM,
                        const int NV) {
     __m256 acc[MR][2];
+    __m256i mk[2];
+    for (int v = 0; v < NV; v++) mk[v] = lane_mask(ncols - 8 * v);
     for (int i = 0; i < BM; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
@@ -218,8 +217,9 @@ QN_INLINE void ukernel(float *QN_RESTRICT y, int64_t ldy, const float *QN_RESTRI
     }
     for (int i = 0; i < BM; i++)
         for (int v = 0; v < NV; v++) {
-            if (!first) acc[i][v] = _mm256_add_ps(load8_part(y + i * ldy, QN_MM_F32, 8 * v, ncols - 8 * v), acc[i][v]);
-            store_cols(y + i * ldy + 8 * v, acc[i][v], ncols - 8 * v);
+            float *yv = y + i * ldy + 8 * v;
+            if (!first) acc[i][v] = _mm256_add_ps(_mm256_maskload_ps(yv, mk[v]), acc[i][v]);
+            _mm256_maskstore_ps(yv, mk[v], acc[i][v]);
         }
 }
 

@@ -1,11 +1,12 @@
 /* matmul_avx512.c — AVX-512 (F/BW/VL/DQ) tile kernels for matmul.h, y = x @ w^T.
  *
  * dot (GEMV): one zmm accumulator per output is exactly the 16-lane partial sum of the
- * formulation; a block of MR <= 4 rows of x meets R rows of w (fp16/bf16 widened on load),
- * so R independent row streams are in flight while w is read from memory.
- * gemm: per K block of QN_MM_KC, w[nr, kc] is transposed into micro-panels [kc][48] (16x16
- * in-register transposes, fp16/bf16 widened), then an 8 x 48 micro-kernel (24 zmm
- * accumulators, x broadcast) walks k in order. Single-threaded: matmul.c owns the threads.
+ * formulation; a group of 6-8 rows of w (fp16/bf16 widened on load) meets the rows of x
+ * 1-4 at a time, so the group streams from memory once with 6-8 rows in flight.
+ * gemm: per K block of QN_MM_KC, 48 rows of w at a time are transposed into a micro-panel
+ * [kc][48] (16x16 in-register transposes) while the next 48 rows are prefetched, then an
+ * 8 x 48 micro-kernel (24 zmm accumulators, x broadcast) walks k in order over all rows of
+ * x. Single-threaded: matmul.c owns the threads.
  */
 #include <immintrin.h>
 
@@ -21,12 +22,13 @@ QN_INLINE __m512 widen16(__m256i h, const int dt) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* 16 elements at p[k ..]; lanes outside mk are zero. */
+/* 16 elements at p[k ..] as fp32. */
 QN_INLINE __m512 load16(const void *p, const int dt, int64_t k) {
     if (dt == QN_MM_F32) return _mm512_loadu_ps((const float *)p + k);
     return widen16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + k)), dt);
 }
 
+/* The same with the lanes outside mk zero (and not read). */
 QN_INLINE __m512 load16_mask(const void *p, const int dt, int64_t k, __mmask16 mk) {
     if (dt == QN_MM_F32) return _mm512_maskz_loadu_ps(mk, (const float *)p + k);
     return widen16(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)p + k), dt);
