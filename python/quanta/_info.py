@@ -12,8 +12,11 @@ def info() -> dict:
     kernels = {
         "qmatmul (int formats)": f"{isa}" + (" (VNNI)" if isa == "avx512" else ""),
         "qmatmul (lut formats)": isa,
-        "quantize": "scalar C + OpenMP",
-        "matmul": isa,
+        "quantize": "scalar C + OpenMP (vectorized by the compiler)",
+        "matmul (float weights)": isa,
+        "attention (prefill, paged decode)": isa,
+        "rmsnorm, rope, silu_mul": "baseline C, vectorized by the compiler",
+        "moe routing and experts": f"C + qmatmul ({isa})",
     }
     return {"version": __version__, "isa": isa, "hw_isa": c["hw_isa"], "kernels": kernels,
             "num_threads": c["num_threads"], "openmp": c["openmp"], "cpu_features": c["features"],
@@ -26,7 +29,7 @@ def print_info() -> None:
     print(f"quanta {d['version']}")
     print(f"  CPU path     : {d['isa']} (hardware supports {d['hw_isa']}; QUANTA_DISABLE_ISA masks levels)")
     for k, v in d["kernels"].items():
-        print(f"  {k:<22}: {v}")
+        print(f"  {k:<34}: {v}")
     print(f"  threads      : {d['num_threads']} (OpenMP {'on' if d['openmp'] else 'off'})")
     feats = ", ".join(k for k, v in d["cpu_features"].items() if v) or "none"
     print(f"  CPU features : {feats}")
