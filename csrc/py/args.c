@@ -171,3 +171,58 @@ const qn_format *qn_py_format(PyObject *obj, const char *op) {
     }
     return (const qn_format *)PyBytes_AS_STRING(obj);
 }
+
+int qn_py_check_nargs(const char *op, Py_ssize_t nargs, Py_ssize_t want) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s: expected %zd arguments, got %zd", op, want, nargs);
+    return -1;
+}
+
+int qn_py_get_i64(PyObject *o, const char *op, const char *name, int64_t *out) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: %s must be an int", op, name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int qn_py_get_f32(PyObject *o, const char *op, const char *name, float *out) {
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a float", op, name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+int qn_py_nthreads_now(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* [lowest, highest) byte address an array touches, for any strides. */
+static void byte_span(PyArrayObject *a, const char **lo, const char **hi) {
+    const char *l = PyArray_BYTES(a), *h = PyArray_BYTES(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        npy_intp ext = (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
+        if (ext < 0) l += ext; else h += ext;
+    }
+    *lo = l;
+    *hi = h + PyArray_ITEMSIZE(a);
+}
+
+int qn_py_overlaps(PyArrayObject *a, PyArrayObject *b) {
+    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
+    const char *a0, *a1, *b0, *b1;
+    byte_span(a, &a0, &a1);
+    byte_span(b, &b0, &b1);
+    return a0 < b1 && b0 < a1;
+}

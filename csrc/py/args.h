@@ -43,6 +43,16 @@ void qn_py_apply_threads(void);
 void *qn_py_workspace(int64_t bytes);
 void qn_py_workspace_release(void *p);
 
+/* Small argument helpers shared by every binding file. Each returns 0 on success and -1
+ * with a Python exception set. */
+int qn_py_check_nargs(const char *op, Py_ssize_t nargs, Py_ssize_t want);
+int qn_py_get_i64(PyObject *o, const char *op, const char *name, int64_t *out);
+int qn_py_get_f32(PyObject *o, const char *op, const char *name, float *out);
+/* Threads the next kernel call will use (after qn_py_apply_threads). */
+int qn_py_nthreads_now(void);
+/* Whether the memory spans of two arrays (any strides) intersect. */
+int qn_py_overlaps(PyArrayObject *a, PyArrayObject *b);
+
 /* A format descriptor from its packed bytes (made by _C.make_format). */
 const qn_format *qn_py_format(PyObject *obj, const char *op);
 

@@ -6,54 +6,11 @@
 
 #include "../kernels/attention.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int nthreads_now(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-static int nargs_ok(const char *op, Py_ssize_t nargs, Py_ssize_t want) {
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %zd arguments, got %zd", op, want, nargs);
-        return 0;
-    }
-    return 1;
-}
 
-static int get_i64(PyObject *o, const char *op, const char *name, int64_t *out) {
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: %s must be an int", op, name);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
 
-static int get_f32(PyObject *o, const char *op, const char *name, float *out) {
-    double v = PyFloat_AsDouble(o);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: %s must be a float", op, name);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
 
-static int overlaps(PyArrayObject *a, PyArrayObject *b) {
-    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    char *a0 = PyArray_BYTES(a), *a1 = a0 + PyArray_NBYTES(a);
-    char *b0 = PyArray_BYTES(b), *b1 = b0 + PyArray_NBYTES(b);
-    return a0 < b1 && b0 < a1;
-}
 
 static const int float_dt[3] = {QN_DT_F32, QN_DT_F16, QN_DT_BF16};
 
@@ -73,12 +30,12 @@ static PyArrayObject *get_out(const char *op, PyObject *obj, int64_t d0, int64_t
 PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "attention";
-    if (!nargs_ok(op, nargs, 11)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 11)) return NULL;
     int64_t dt, causal, window;
     float softcap, scale;
-    if (get_i64(args[3], op, "dtype", &dt) || get_i64(args[4], op, "causal", &causal) ||
-        get_i64(args[5], op, "window", &window) || get_f32(args[6], op, "softcap", &softcap) ||
-        get_f32(args[7], op, "scale", &scale))
+    if (qn_py_get_i64(args[3], op, "dtype", &dt) || qn_py_get_i64(args[4], op, "causal", &causal) ||
+        qn_py_get_i64(args[5], op, "window", &window) || qn_py_get_f32(args[6], op, "softcap", &softcap) ||
+        qn_py_get_f32(args[7], op, "scale", &scale))
         return NULL;
     if (dt < 0 || dt > 2) return PyErr_Format(PyExc_ValueError, "%s: bad dtype code %lld", op, (long long)dt);
     qn_arrspec sq = {op, "q", float_dt[dt], 3, {-1, -1, -1, -1}, 0, 0, 1};
@@ -115,14 +72,14 @@ PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     PyArrayObject *out = get_out(op, args[10], T, H, D);
     if (!out) return NULL;
-    if (args[10] != Py_None && (overlaps(out, q) || overlaps(out, k) || overlaps(out, v))) {
+    if (args[10] != Py_None && (qn_py_overlaps(out, q) || qn_py_overlaps(out, k) || qn_py_overlaps(out, v))) {
         Py_DECREF(out);
         return PyErr_Format(PyExc_ValueError, "%s: out must not overlap q, k or v", op);
     }
     qn_attn_params p = {PyArray_DATA(out), PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), (int)dt, (int)dt,
                         T, S, H, Hkv, D, causal != 0, window, scale, softcap, cu_q, cu_k, n_seq};
     qn_py_apply_threads();
-    int64_t wsb = qn_attention_workspace_size(&p, nthreads_now());
+    int64_t wsb = qn_attention_workspace_size(&p, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) { Py_DECREF(out); return NULL; }
     qn_status st;
@@ -140,11 +97,11 @@ PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t narg
 PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "paged_attention";
-    if (!nargs_ok(op, nargs, 12)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 12)) return NULL;
     int64_t qdt, kvdt;
     float scale, softcap;
-    if (get_i64(args[5], op, "qdtype", &qdt) || get_i64(args[6], op, "kvdtype", &kvdt) ||
-        get_f32(args[9], op, "scale", &scale) || get_f32(args[10], op, "softcap", &softcap))
+    if (qn_py_get_i64(args[5], op, "qdtype", &qdt) || qn_py_get_i64(args[6], op, "kvdtype", &kvdt) ||
+        qn_py_get_f32(args[9], op, "scale", &scale) || qn_py_get_f32(args[10], op, "softcap", &softcap))
         return NULL;
     if (qdt < 0 || qdt > 2 || kvdt < 0 || kvdt > 4)
         return PyErr_Format(PyExc_ValueError, "%s: bad dtype codes %lld, %lld", op, (long long)qdt, (long long)kvdt);
@@ -185,7 +142,7 @@ PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_
     if (!lens) return NULL;
     PyArrayObject *out = get_out(op, args[11], B, H, D);
     if (!out) return NULL;
-    if (args[11] != Py_None && (overlaps(out, q) || overlaps(out, kc) || overlaps(out, vc))) {
+    if (args[11] != Py_None && (qn_py_overlaps(out, q) || qn_py_overlaps(out, kc) || qn_py_overlaps(out, vc))) {
         Py_DECREF(out);
         return PyErr_Format(PyExc_ValueError, "%s: out must not overlap q or the cache", op);
     }
@@ -193,7 +150,7 @@ PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_
                          (int)qdt, (int)kvdt, PyArray_DATA(tab), PyArray_DATA(lens),
                          B, H, Hkv, D, nb, bs, PyArray_DIM(tab, 1), scale, softcap};
     qn_py_apply_threads();
-    int64_t wsb = qn_paged_attention_workspace_size(&p, nthreads_now());
+    int64_t wsb = qn_paged_attention_workspace_size(&p, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) { Py_DECREF(out); return NULL; }
     qn_status s;

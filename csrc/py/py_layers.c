@@ -10,11 +10,6 @@
 
 static const int float_dt[3] = {QN_DT_F32, QN_DT_F16, QN_DT_BF16};
 
-static int nargs_ok(const char *op, Py_ssize_t nargs, Py_ssize_t want) {
-    if (nargs == want) return 1;
-    PyErr_Format(PyExc_TypeError, "%s: expected %zd arguments, got %zd", op, want, nargs);
-    return 0;
-}
 
 static int get_code(PyObject *o, const char *op, const char *name, int *out) {
     long v = PyLong_AsLong(o);
@@ -27,12 +22,6 @@ static int get_code(PyObject *o, const char *op, const char *name, int *out) {
     return 0;
 }
 
-static int overlaps(PyArrayObject *a, PyArrayObject *b) {
-    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    char *a0 = PyArray_BYTES(a), *a1 = a0 + PyArray_NBYTES(a);
-    char *b0 = PyArray_BYTES(b), *b1 = b0 + PyArray_NBYTES(b);
-    return a0 < b1 && b0 < a1;
-}
 
 /* out validated as writeable float32 C-contiguous of x's shape, or a new array (new ref) */
 static PyArrayObject *get_out(const char *op, PyObject *obj, PyArrayObject *like) {
@@ -49,7 +38,7 @@ static PyArrayObject *get_out(const char *op, PyObject *obj, PyArrayObject *like
 PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "rmsnorm";
-    if (!nargs_ok(op, nargs, 6)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 6)) return NULL;
     int dt;
     if (get_code(args[1], op, "x", &dt)) return NULL;
     double eps = PyFloat_AsDouble(args[3]);
@@ -65,11 +54,11 @@ PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (args[4] != Py_None) {
         qn_arrspec sr = {op, "residual", QN_DT_F32, 2, {M, N, -1, -1}, 1, 0, 1};
         if (!(res = qn_check_array(args[4], &sr))) return NULL;
-        if (overlaps(res, x)) return PyErr_Format(PyExc_ValueError, "%s: residual must not overlap x", op);
+        if (qn_py_overlaps(res, x)) return PyErr_Format(PyExc_ValueError, "%s: residual must not overlap x", op);
     }
     PyArrayObject *out = get_out(op, args[5], x);
     if (!out) return NULL;
-    if (args[5] != Py_None && (overlaps(out, x) || overlaps(out, w) || (res && overlaps(out, res)))) {
+    if (args[5] != Py_None && (qn_py_overlaps(out, x) || qn_py_overlaps(out, w) || (res && qn_py_overlaps(out, res)))) {
         Py_DECREF(out);
         return PyErr_Format(PyExc_ValueError, "%s: out must not overlap x, weight or residual", op);
     }
@@ -90,7 +79,7 @@ PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "add";
-    if (!nargs_ok(op, nargs, 5)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 5)) return NULL;
     int adt, bdt;
     if (get_code(args[1], op, "a", &adt) || get_code(args[3], op, "b", &bdt)) return NULL;
     qn_arrspec sa = {op, "a", float_dt[adt], 1, {-1, -1, -1, -1}, 0, 0, 1};
@@ -104,7 +93,7 @@ PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     for (int i = 0; i < 2 && args[4] != Py_None; i++) {
         PyArrayObject *in = i ? b : a;
         int same = PyArray_DATA(in) == PyArray_DATA(out) && PyArray_ITEMSIZE(in) == 4;
-        if (overlaps(out, in) && !same) {
+        if (qn_py_overlaps(out, in) && !same) {
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "%s: out must be a float32 input itself or not overlap it", op);
         }
@@ -125,7 +114,7 @@ PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "silu_mul";
-    if (!nargs_ok(op, nargs, 4)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 4)) return NULL;
     int dt;
     if (get_code(args[2], op, "gate", &dt)) return NULL;
     qn_arrspec sg = {op, "gate", float_dt[dt], 1, {-1, -1, -1, -1}, 0, 0, 1};
@@ -137,8 +126,8 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyArrayObject *out = get_out(op, args[3], g);
     if (!out) return NULL;
     /* elementwise: out may be gate or up itself, but not a shifted overlap of them */
-    if (args[3] != Py_None && ((overlaps(out, g) && PyArray_DATA(out) != PyArray_DATA(g)) ||
-                               (overlaps(out, u) && PyArray_DATA(out) != PyArray_DATA(u)))) {
+    if (args[3] != Py_None && ((qn_py_overlaps(out, g) && PyArray_DATA(out) != PyArray_DATA(g)) ||
+                               (qn_py_overlaps(out, u) && PyArray_DATA(out) != PyArray_DATA(u)))) {
         Py_DECREF(out);
         return PyErr_Format(PyExc_ValueError, "%s: out must be gate, up, or not overlap them", op);
     }
@@ -158,7 +147,7 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *qn_py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "rope";
-    if (!nargs_ok(op, nargs, 5)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 5)) return NULL;
     qn_arrspec sx = {op, "x", QN_DT_F32, 3, {-1, -1, -1, -1}, 1, 0, 1};
     PyArrayObject *x = qn_check_array(args[0], &sx);
     if (!x) return NULL;

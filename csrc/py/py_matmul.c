@@ -9,17 +9,7 @@
 
 #include "../kernels/matmul.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int nthreads_now(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 static void shape_of(char *buf, size_t n, PyArrayObject *a) {
     size_t u = (size_t)snprintf(buf, n, "(");
@@ -79,13 +69,6 @@ static int dtype_code(PyObject *o, const char *name, int *out) {
 }
 
 /* Byte ranges [first, last) spanned by two 2-D arrays intersect. */
-static int ranges_overlap(PyArrayObject *a, PyArrayObject *b) {
-    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
-    const char *a1 = a0 + (PyArray_DIM(a, 0) - 1) * PyArray_STRIDE(a, 0) + PyArray_DIM(a, 1) * PyArray_ITEMSIZE(a);
-    const char *b1 = b0 + (PyArray_DIM(b, 0) - 1) * PyArray_STRIDE(b, 0) + PyArray_DIM(b, 1) * PyArray_ITEMSIZE(b);
-    return a0 < b1 && b0 < a1;
-}
 
 /* Row stride in elements; a single row has none, so it reads as the row length. */
 static int64_t row_stride(PyArrayObject *a) {
@@ -115,8 +98,8 @@ PyObject *qn_py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     } else {
         out = operand(args[4], "out", QN_DT_F32, M, "M", N, "N", 1);
         if (!out) return NULL;
-        if (ranges_overlap(out, x)) return PyErr_Format(PyExc_ValueError, "matmul: out overlaps x");
-        if (ranges_overlap(out, w)) return PyErr_Format(PyExc_ValueError, "matmul: out overlaps w");
+        if (qn_py_overlaps(out, x)) return PyErr_Format(PyExc_ValueError, "matmul: out overlaps x");
+        if (qn_py_overlaps(out, w)) return PyErr_Format(PyExc_ValueError, "matmul: out overlaps w");
         Py_INCREF(out);
     }
     if (M == 0) return (PyObject *)out;
@@ -128,7 +111,7 @@ PyObject *qn_py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
                             (long long)(ldx < K || ldw < K ? K : N));
     }
     qn_py_apply_threads();
-    int64_t wsb = qn_matmul_workspace_size(M, N, K, xdt, wdt, nthreads_now());
+    int64_t wsb = qn_matmul_workspace_size(M, N, K, xdt, wdt, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) {
         Py_DECREF(out);

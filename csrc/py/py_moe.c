@@ -9,45 +9,18 @@
 #include "../kernels/moe.h"
 #include "../kernels/qmatmul.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int nthreads_now(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-static int check_nargs(const char *op, Py_ssize_t nargs, Py_ssize_t want) {
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %zd arguments, got %zd", op, want, nargs);
-        return -1;
-    }
-    return 0;
-}
 
-static int get_i64(PyObject *o, const char *op, const char *name, int64_t *out) {
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: %s must be an int", op, name);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
 
 
 /* Route parameters from args[0..6]: top_k, scoring, renormalize, bias, n_group, topk_group,
  * routed_scaling; bias checked against E. */
 static int get_route_params(const char *op, PyObject *const *a, int64_t E, qn_moe_route_params *p) {
     int64_t v[5];
-    if (get_i64(a[0], op, "top_k", &v[0]) || get_i64(a[1], op, "scoring", &v[1]) ||
-        get_i64(a[2], op, "renormalize", &v[2]) || get_i64(a[4], op, "n_group", &v[3]) ||
-        get_i64(a[5], op, "topk_group", &v[4]))
+    if (qn_py_get_i64(a[0], op, "top_k", &v[0]) || qn_py_get_i64(a[1], op, "scoring", &v[1]) ||
+        qn_py_get_i64(a[2], op, "renormalize", &v[2]) || qn_py_get_i64(a[4], op, "n_group", &v[3]) ||
+        qn_py_get_i64(a[5], op, "topk_group", &v[4]))
         return -1;
     double sc = PyFloat_AsDouble(a[6]);
     if (sc == -1.0 && PyErr_Occurred()) return -1;
@@ -75,9 +48,9 @@ static int64_t logits_ld(PyArrayObject *l, int64_t E) {
  *           routed_scaling) -> (weights float32[T, k], ids int32[T, k]) */
 PyObject *qn_py_moe_route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("moe_route", nargs, 9)) return NULL;
+    if (qn_py_check_nargs("moe_route", nargs, 9)) return NULL;
     int64_t ldt;
-    if (get_i64(args[1], "moe_route", "ldtype", &ldt)) return NULL;
+    if (qn_py_get_i64(args[1], "moe_route", "ldtype", &ldt)) return NULL;
     if (ldt < QN_DT_F32 || ldt > QN_DT_BF16) return PyErr_Format(PyExc_ValueError, "moe_route: bad ldtype %lld", (long long)ldt);
     qn_arrspec sl = {"moe_route", "logits", (int)ldt, 2, {-1, -1, -1, -1}, 0, 1, 0};
     PyArrayObject *l = qn_check_array(args[0], &sl);
@@ -93,7 +66,7 @@ PyObject *qn_py_moe_route(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyArrayObject *ids = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32);
     if (!w || !ids) goto fail;
     qn_py_apply_threads();
-    int64_t wsb = qn_moe_route_workspace_size(E, nthreads_now());
+    int64_t wsb = qn_moe_route_workspace_size(E, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) goto fail;
     qn_status st;
@@ -143,13 +116,6 @@ static int get_stacked(const char *op, PyObject *fmt_obj, PyObject *arrays, int6
     return 0;
 }
 
-static int ranges_overlap(PyArrayObject *a, PyArrayObject *b) {
-    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
-    char *a1 = a0 + (PyArray_DIM(a, 0) - 1) * PyArray_STRIDE(a, 0) + PyArray_DIM(a, 1) * PyArray_ITEMSIZE(a);
-    char *b1 = b0 + (PyArray_DIM(b, 0) - 1) * PyArray_STRIDE(b, 0) + PyArray_DIM(b, 1) * PyArray_ITEMSIZE(b);
-    return a0 < b1 && b0 < a1;
-}
 
 /* moe(x, xdtype, logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group,
  *     routed_scaling, weights, ids, experts, shared, out, counts) -> out
@@ -160,15 +126,15 @@ static int ranges_overlap(PyArrayObject *a, PyArrayObject *b) {
 PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "moe";
-    if (check_nargs(op, nargs, 17)) return NULL;
+    if (qn_py_check_nargs(op, nargs, 17)) return NULL;
     PyObject *exo = args[13], *sho = args[14];
     if (!PyTuple_Check(exo) || PyTuple_GET_SIZE(exo) != 9)
         return PyErr_Format(PyExc_TypeError, "moe: experts must be a quanta.formats.MoEExperts");
     if (sho != Py_None && (!PyTuple_Check(sho) || PyTuple_GET_SIZE(sho) != 8))
         return PyErr_Format(PyExc_TypeError, "moe: shared must be None or a quanta.formats.SharedExpert");
     int64_t xdt, E, d, ffn;
-    if (get_i64(args[1], op, "xdtype", &xdt) || get_i64(PyTuple_GET_ITEM(exo, 3), op, "E", &E) ||
-        get_i64(PyTuple_GET_ITEM(exo, 4), op, "d", &d) || get_i64(PyTuple_GET_ITEM(exo, 5), op, "ffn", &ffn))
+    if (qn_py_get_i64(args[1], op, "xdtype", &xdt) || qn_py_get_i64(PyTuple_GET_ITEM(exo, 3), op, "E", &E) ||
+        qn_py_get_i64(PyTuple_GET_ITEM(exo, 4), op, "d", &d) || qn_py_get_i64(PyTuple_GET_ITEM(exo, 5), op, "ffn", &ffn))
         return NULL;
     if (xdt < QN_DT_F32 || xdt > QN_DT_BF16) return PyErr_Format(PyExc_ValueError, "moe: bad xdtype %lld", (long long)xdt);
     if (E < 1 || d < 1 || ffn < 1)
@@ -184,7 +150,7 @@ PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (routed) {
         if (args[11] != Py_None || args[12] != Py_None)
             return PyErr_Format(PyExc_ValueError, "moe: give either logits or weights and ids");
-        if (get_i64(args[3], op, "ldtype", &ldt)) return NULL;
+        if (qn_py_get_i64(args[3], op, "ldtype", &ldt)) return NULL;
         if (ldt < QN_DT_F32 || ldt > QN_DT_BF16) return PyErr_Format(PyExc_ValueError, "moe: bad ldtype %lld", (long long)ldt);
         qn_arrspec sl = {op, "logits", (int)ldt, 2, {T, E, -1, -1}, 0, 1, 0};
         if (!(logits = qn_check_array(args[2], &sl))) return NULL;
@@ -215,7 +181,7 @@ PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     qn_moe_shared sh, *shp = NULL;
     if (sho != Py_None) {
         int64_t fs;
-        if (get_i64(PyTuple_GET_ITEM(sho, 3), op, "shared ffn", &fs)) goto fail;
+        if (qn_py_get_i64(PyTuple_GET_ITEM(sho, 3), op, "shared ffn", &fs)) goto fail;
         if (fs < 1) { PyErr_Format(PyExc_ValueError, "moe: shared ffn must be >= 1"); goto fail; }
         qn_qweight *s3 = qw + 3 * E;
         if (get_stacked("moe: shared.gate_proj", PyTuple_GET_ITEM(sho, 0), PyTuple_GET_ITEM(sho, 4), 1, fs, d, s3) ||
@@ -238,7 +204,7 @@ PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         qn_arrspec so = {op, "out", QN_DT_F32, 2, {T, d, -1, -1}, 1, 1, 0};
         if (!(out = qn_check_array(args[15], &so))) goto fail;
         Py_INCREF(out);
-        if (ranges_overlap(out, x)) { PyErr_Format(PyExc_ValueError, "moe: out overlaps x"); goto fail; }
+        if (qn_py_overlaps(out, x)) { PyErr_Format(PyExc_ValueError, "moe: out overlaps x"); goto fail; }
     }
     if (T == 0) {
         if (counts) memset(PyArray_DATA(counts), 0, (size_t)E * 8);
@@ -249,7 +215,7 @@ PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t ldx = T > 1 ? PyArray_STRIDE(x, 0) / isz : d, ldy = T > 1 ? PyArray_STRIDE(out, 0) / 4 : d;
     if (ldx < d || ldy < d) { PyErr_Format(PyExc_ValueError, "moe: x and out rows must not overlap"); goto fail; }
     qn_py_apply_threads();
-    int nth = nthreads_now();
+    int nth = qn_py_nthreads_now();
     int64_t rb = routed ? qn_round_up(T * k * 4, 64) : 0;
     int64_t rws = routed ? qn_moe_route_workspace_size(E, nth) : 0;
     int64_t mws = qn_moe_workspace_size(&ex, shp, T, k, nth);

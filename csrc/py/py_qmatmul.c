@@ -5,46 +5,19 @@
 #include "../kernels/qmatmul.h"
 #include "../kernels/quantize.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int nthreads_now(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-static int check_nargs(const char *op, Py_ssize_t nargs, Py_ssize_t want) {
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %zd arguments, got %zd", op, want, nargs);
-        return -1;
-    }
-    return 0;
-}
 
-static int get_i64(PyObject *o, const char *op, const char *name, int64_t *out) {
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: %s must be an int", op, name);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
 
 PyObject *qn_py_make_format(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("make_format", nargs, 8)) return NULL;
+    if (qn_py_check_nargs("make_format", nargs, 8)) return NULL;
     qn_format f;
     memset(&f, 0, sizeof f);
     int64_t v[7];
     static const char *names[7] = {"bits", "group", "kind", "offset", "scale", "rule", "lut_kind"};
     for (int i = 0; i < 7; i++)
-        if (get_i64(args[i], "make_format", names[i], &v[i])) return NULL;
+        if (qn_py_get_i64(args[i], "make_format", names[i], &v[i])) return NULL;
     f.bits = (int32_t)v[0];
     f.group = (int32_t)v[1];
     f.kind = (int32_t)v[2];
@@ -128,7 +101,7 @@ int qn_py_get_qweight(const char *op, const qn_format *f, int64_t N, int64_t K, 
 /* quantize(w, fmt, codes, scales, offsets, supers, super_mins) */
 PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("quantize", nargs, 7)) return NULL;
+    if (qn_py_check_nargs("quantize", nargs, 7)) return NULL;
     const qn_format *f = qn_py_format(args[1], "quantize");
     if (!f) return NULL;
     qn_arrspec sw = {"quantize", "w", QN_DT_F32, 2, {-1, -1, -1, -1}, 0, 1, 0};
@@ -141,7 +114,7 @@ PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     qn_qweight_out out = {(uint8_t *)qw.codes, (void *)qw.scales, (void *)qw.offsets, (uint16_t *)qw.supers,
                           (uint16_t *)qw.super_mins};
     qn_py_apply_threads();
-    int64_t wsb = qn_quantize_workspace_size(f, K, nthreads_now());
+    int64_t wsb = qn_quantize_workspace_size(f, K, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) return NULL;
     qn_status st;
@@ -157,11 +130,11 @@ PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 /* dequantize(fmt, N, K, codes, scales, offsets, supers, super_mins) -> float32[N, K] */
 PyObject *qn_py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("dequantize", nargs, 8)) return NULL;
+    if (qn_py_check_nargs("dequantize", nargs, 8)) return NULL;
     const qn_format *f = qn_py_format(args[0], "dequantize");
     if (!f) return NULL;
     int64_t N, K;
-    if (get_i64(args[1], "dequantize", "N", &N) || get_i64(args[2], "dequantize", "K", &K)) return NULL;
+    if (qn_py_get_i64(args[1], "dequantize", "N", &N) || qn_py_get_i64(args[2], "dequantize", "K", &K)) return NULL;
     qn_qweight qw;
     if (get_qweight("dequantize", f, N, K, args + 3, 0, &qw)) return NULL;
     npy_intp dims[2] = {(npy_intp)N, (npy_intp)K};
@@ -180,12 +153,12 @@ PyObject *qn_py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nar
 /* pack_codes(codes[N, K] uint8, bits) -> uint8[n_panels, panel_bytes] */
 PyObject *qn_py_pack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("pack_codes", nargs, 2)) return NULL;
+    if (qn_py_check_nargs("pack_codes", nargs, 2)) return NULL;
     qn_arrspec s = {"pack_codes", "codes", QN_DT_U8, 2, {-1, -1, -1, -1}, 0, 0, 1};
     PyArrayObject *c = qn_check_array(args[0], &s);
     if (!c) return NULL;
     int64_t bits;
-    if (get_i64(args[1], "pack_codes", "bits", &bits)) return NULL;
+    if (qn_py_get_i64(args[1], "pack_codes", "bits", &bits)) return NULL;
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8))
         return PyErr_Format(PyExc_ValueError, "pack_codes: bits must be 2, 3, 4, 5, 6 or 8, got %lld", (long long)bits);
     int64_t N = PyArray_DIM(c, 0), K = PyArray_DIM(c, 1);
@@ -208,10 +181,10 @@ PyObject *qn_py_pack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nar
 /* unpack_codes(panel_codes, bits, N, K) -> uint8[N, K] */
 PyObject *qn_py_unpack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("unpack_codes", nargs, 4)) return NULL;
+    if (qn_py_check_nargs("unpack_codes", nargs, 4)) return NULL;
     int64_t bits, N, K;
-    if (get_i64(args[1], "unpack_codes", "bits", &bits) || get_i64(args[2], "unpack_codes", "N", &N) ||
-        get_i64(args[3], "unpack_codes", "K", &K))
+    if (qn_py_get_i64(args[1], "unpack_codes", "bits", &bits) || qn_py_get_i64(args[2], "unpack_codes", "N", &N) ||
+        qn_py_get_i64(args[3], "unpack_codes", "K", &K))
         return NULL;
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) || N <= 0 || K <= 0 || K % QN_CHUNK)
         return PyErr_Format(PyExc_ValueError, "unpack_codes: bad bits/N/K (%lld, %lld, %lld)", (long long)bits, (long long)N, (long long)K);
@@ -232,23 +205,14 @@ PyObject *qn_py_unpack_codes(PyObject *self, PyObject *const *args, Py_ssize_t n
     return (PyObject *)out;
 }
 
-static int ranges_overlap(PyArrayObject *a, PyArrayObject *b) {
-    char *a0, *a1, *b0, *b1;
-    if (PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    a0 = PyArray_BYTES(a);
-    a1 = a0 + (PyArray_DIM(a, 0) - 1) * PyArray_STRIDE(a, 0) + PyArray_DIM(a, 1) * PyArray_ITEMSIZE(a);
-    b0 = PyArray_BYTES(b);
-    b1 = b0 + (PyArray_DIM(b, 0) - 1) * PyArray_STRIDE(b, 0) + PyArray_DIM(b, 1) * PyArray_ITEMSIZE(b);
-    return a0 < b1 && b0 < a1;
-}
 
 /* qmatmul(x, xdtype, fmt, N, K, codes, scales, offsets, supers, super_mins, out) -> out */
 PyObject *qn_py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (check_nargs("qmatmul", nargs, 11)) return NULL;
+    if (qn_py_check_nargs("qmatmul", nargs, 11)) return NULL;
     int64_t xdt, N, K;
-    if (get_i64(args[1], "qmatmul", "xdtype", &xdt) || get_i64(args[3], "qmatmul", "N", &N) ||
-        get_i64(args[4], "qmatmul", "K", &K))
+    if (qn_py_get_i64(args[1], "qmatmul", "xdtype", &xdt) || qn_py_get_i64(args[3], "qmatmul", "N", &N) ||
+        qn_py_get_i64(args[4], "qmatmul", "K", &K))
         return NULL;
     if (xdt < QN_DT_F32 || xdt > QN_DT_BF16) return PyErr_Format(PyExc_ValueError, "qmatmul: bad xdtype %lld", (long long)xdt);
     const qn_format *f = qn_py_format(args[2], "qmatmul");
@@ -268,7 +232,7 @@ PyObject *qn_py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         qn_arrspec so = {"qmatmul", "out", QN_DT_F32, 2, {M, N, -1, -1}, 1, 1, 0};
         out = qn_check_array(args[10], &so);
         if (!out) return NULL;
-        if (ranges_overlap(out, x)) return PyErr_Format(PyExc_ValueError, "qmatmul: out overlaps x");
+        if (qn_py_overlaps(out, x)) return PyErr_Format(PyExc_ValueError, "qmatmul: out overlaps x");
         Py_INCREF(out);
     }
     if (M == 0) return (PyObject *)out;
@@ -280,7 +244,7 @@ PyObject *qn_py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_Format(PyExc_ValueError, "qmatmul: x and out rows must not overlap");
     }
     qn_py_apply_threads();
-    int64_t wsb = qn_qmatmul_workspace_size(&qw, M, nthreads_now());
+    int64_t wsb = qn_qmatmul_workspace_size(&qw, M, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);
     if (!ws) { Py_DECREF(out); return NULL; }
     qn_status st;
