@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -38,6 +42,22 @@ typedef enum qn_status {
 qn_status qn_set_error(qn_status st, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 const char *qn_last_error(void);
+
+/* OpenMP queries that also compile without OpenMP (one thread). */
+QN_INLINE int qn_omp_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+QN_INLINE int qn_omp_thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 QN_INLINE int64_t qn_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 QN_INLINE int64_t qn_ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }

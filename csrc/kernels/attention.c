@@ -15,25 +15,8 @@
 
 #include "../dispatch.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
 
 static inline int64_t align64(int64_t bytes) { return qn_round_up(bytes, 64); }
 static inline int64_t pad_dim(int64_t D) { return qn_round_up(D < 1 ? 1 : D, 16); }
@@ -145,7 +128,7 @@ qn_status qn_attention(const qn_attn_params *p, void *workspace, int64_t ws_byte
         if ((st = check_cu(p->cu_q, nseq, p->T, "cu_seqlens_q"))) return st;
         if ((st = check_cu(p->cu_k, nseq, p->S, "cu_seqlens_k"))) return st;
     }
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     if (ws_bytes < qn_attention_workspace_size(p, nth)) return qn_set_error(QN_EINVAL, "attention: workspace too small");
     if (p->T == 0) return QN_OK;
     const int64_t H = p->H, D = p->D, Dp = pad_dim(D), G = p->H / p->Hkv, Hkv = p->Hkv;
@@ -164,7 +147,7 @@ qn_status qn_attention(const qn_attn_params *p, void *workspace, int64_t ws_byte
 
 #pragma omp parallel num_threads(nth)
     {
-        char *mine = thr + thread_id() * tb;
+        char *mine = thr + qn_omp_thread_id() * tb;
         float *Qf = (float *)mine, *O = Qf + QN_ATTN_BQ * Dp;
         float *m = (float *)(mine + align64(2 * QN_ATTN_BQ * Dp * 4)), *l = m + QN_ATTN_BQ;
         int64_t *lo = (int64_t *)((char *)m + align64(2 * QN_ATTN_BQ * 4)), *hi = lo + QN_ATTN_BQ;
@@ -263,7 +246,7 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
                                     (long long)b, (long long)i, id, (long long)p->n_blocks);
         }
     }
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     if (ws_bytes < qn_paged_attention_workspace_size(p, nth))
         return qn_set_error(QN_EINVAL, "paged_attention: workspace too small");
     if (p->B == 0) return QN_OK;
@@ -286,7 +269,7 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
 
 #pragma omp parallel num_threads(nth)
     {
-        char *mine = thr + thread_id() * tb;
+        char *mine = thr + qn_omp_thread_id() * tb;
         float *Qf = (float *)mine;
         int64_t *lo = (int64_t *)(mine + align64((rows + 4) * Dp * 4)), *hi = lo + rows;
         float *scratch = (float *)((char *)lo + align64(2 * rows * 8));

@@ -13,9 +13,6 @@
 
 #include "../dispatch.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define QN_MM_DOT_NB 64 /* most columns per dot tile */
 #define QN_MM_TILES_PER_THREAD 4 /* narrower tiles until there are about this many */
@@ -106,21 +103,6 @@ int64_t qn_matmul_workspace_size(int64_t M, int64_t N, int64_t K, int xdtype, in
     return pl.xf_bytes + (int64_t)(nthreads > 0 ? nthreads : 1) * pl.scratch_bytes + 64;
 }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_num(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
 
 qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void *w, int wdtype,
                     int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldw, int64_t ldy,
@@ -138,7 +120,7 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
     qn_dispatch kd = qn_kernels;
     if (!kd.mm_dot || !kd.mm_gemm || !kd.mm_cvt)
         return qn_set_error(QN_EINVAL, "matmul: kernel table is empty (call qn_dispatch_init first)");
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     if (!workspace || ws_bytes < qn_matmul_workspace_size(M, N, K, xdtype, wdtype, nth))
         return qn_set_error(QN_EINVAL, "matmul: workspace too small (%lld bytes, need %lld)", (long long)ws_bytes,
                             (long long)qn_matmul_workspace_size(M, N, K, xdtype, wdtype, nth));
@@ -193,7 +175,7 @@ qn_status qn_matmul(float *QN_RESTRICT y, const void *x, int xdtype, const void 
     char *scratch0 = wsp + pl.xf_bytes;
 #pragma omp parallel num_threads(nth)
     {
-        char *scr = scratch0 + (int64_t)thread_num() * pl.scratch_bytes;
+        char *scr = scratch0 + (int64_t)qn_omp_thread_id() * pl.scratch_bytes;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tiles; t++) {
             int64_t n0 = (t / n_mb) * nb, m0 = (t % n_mb) * mb;

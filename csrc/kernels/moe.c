@@ -14,27 +14,10 @@
 #include "act.h"
 #include "qmatmul.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 static inline int64_t align64(int64_t x) { return qn_round_up(x, 64); }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
 
 static inline float load_logit(const void *l, int dt, int64_t e) {
     switch (dt) {
@@ -178,7 +161,7 @@ qn_status qn_moe_route(float *QN_RESTRICT weights, int32_t *QN_RESTRICT ids, con
         return qn_set_error(QN_EINVAL, "moe_route: n_group must be >= 0, got %lld", (long long)p->n_group);
     }
     if (T == 0) return QN_OK;
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     if (ws_bytes < qn_moe_route_workspace_size(E, nth))
         return qn_set_error(QN_EINVAL, "moe_route: workspace too small");
     char *wsp = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
@@ -186,7 +169,7 @@ qn_status qn_moe_route(float *QN_RESTRICT weights, int32_t *QN_RESTRICT ids, con
     int xsize = ldtype == QN_X_F32 ? 4 : 2;
 #pragma omp parallel num_threads(nth) if (T * E >= 4096)
     {
-        char *scratch = wsp + thread_id() * sb;
+        char *scratch = wsp + qn_omp_thread_id() * sb;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
             route_token(weights + t * k, ids + t * k, (const char *)logits + t * ldl * xsize, ldtype, E, p, scratch);
@@ -291,7 +274,7 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
         if ((st = check_qw(sh->up, sh->ffn, d, "shared.up_proj", 0, NULL))) return st;
         if ((st = check_qw(sh->down, d, sh->ffn, "shared.down_proj", 0, NULL))) return st;
     }
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     if (ws_bytes < qn_moe_workspace_size(ex, sh, T, k, nth)) return qn_set_error(QN_EINVAL, "moe: workspace too small");
     moe_plan pl = make_plan(ex, sh, T, k, nth);
     char *p = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);

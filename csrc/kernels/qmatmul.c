@@ -13,9 +13,6 @@
 
 #include "../dispatch.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define QN_NP_BLOCK 4   /* panels per tile */
 #define QN_MTILE 128    /* rows of x per tile */
@@ -221,13 +218,6 @@ int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads) 
     return pl.xq_bytes + 3 * pl.xb_bytes + pl.xf_bytes + 64;
 }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype,
                      int64_t M, int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes) {
@@ -241,7 +231,7 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
     if (xdtype < QN_X_F32 || xdtype > QN_X_BF16)
         return qn_set_error(QN_EINVAL, "qmatmul: unknown x dtype %d", xdtype);
     if (M == 0) return QN_OK;
-    int nth = max_threads();
+    int nth = qn_omp_max_threads();
     qm_plan pl = make_plan(w, M);
     if (ws_bytes < qn_qmatmul_workspace_size(w, M, nth))
         return qn_set_error(QN_EINVAL, "qmatmul: workspace too small");

@@ -13,9 +13,6 @@
 
 #include "qmatmul.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* ---- packing ---- */
 
@@ -395,11 +392,7 @@ qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, 
     if (st) return st;
     if ((st = qn_format_check_k(f, K))) return st;
     if (N <= 0 || ldw < K) return qn_set_error(QN_EINVAL, "quantize: bad shape N=%lld ldw=%lld", (long long)N, (long long)ldw);
-#ifdef _OPENMP
-    int nth = omp_get_max_threads();
-#else
-    int nth = 1;
-#endif
+int nth = qn_omp_max_threads();
     if (ws_bytes < qn_quantize_workspace_size(f, K, nth)) return qn_set_error(QN_EINVAL, "quantize: workspace too small");
     int64_t Kp = qn_fmt_kpad(f, K), ng = qn_fmt_ngroups(f, K), g = qn_fmt_group(f, K);
     int64_t np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
@@ -416,11 +409,7 @@ qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, 
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
     for (int64_t p = 0; p < np; p++) {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
+        int tid = qn_omp_thread_id();
         uint8_t *rows = (uint8_t *)(ws0 + (int64_t)tid * (QN_PANEL * Kp + Kp * 4 + 64));
         float *xr = (float *)(rows + QN_PANEL * Kp);
         memset(rows, 0, (size_t)(QN_PANEL * Kp));

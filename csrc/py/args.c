@@ -3,9 +3,6 @@
 
 #include <stdlib.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 const char *qn_dtype_name(int dt) {
     switch (dt) {
@@ -200,13 +197,7 @@ int qn_py_get_f32(PyObject *o, const char *op, const char *name, float *out) {
     return 0;
 }
 
-int qn_py_nthreads_now(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
+int qn_py_nthreads_now(void) { return qn_omp_max_threads(); }
 
 /* [lowest, highest) byte address an array touches, for any strides. */
 static void byte_span(PyArrayObject *a, const char **lo, const char **hi) {
