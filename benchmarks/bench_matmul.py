@@ -5,7 +5,8 @@
 Both run with the same thread count (OMP_NUM_THREADS / OPENBLAS_NUM_THREADS, set before
 NumPy and quanta are imported). Every case first checks the kernel's output against NumPy in
 float64, then reports the median of --runs timed calls (after a pause, so that the other library's worker
-threads have stopped spinning). Weights are rotated through several
+threads have stopped spinning). A block during which other processes kept a core busy is
+timed again, and marked with * if it never ran undisturbed. Weights are rotated through several
 copies totalling >= 256 MB so that they come from memory, as in decode. GEMV (M = 1) is
 reported as GB/s of weights read, GEMM (M = 16, 64, 512) as GFLOP/s (2*M*N*K); ratio is
 NumPy's time / quanta's time for the same M (> 1: quanta is faster).
@@ -44,17 +45,35 @@ CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bf
 NAMES = {0: "f32", 1: "f16", 2: "bf16"}
 
 
-def median_time(fn, runs):
-    # OpenBLAS and OpenMP worker threads spin for a while after a call; on a 2-core machine
-    # the spinning threads of one library would steal a core from the other's timed calls
-    time.sleep(0.5)
-    fn()  # warm-up
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+def _busy_seconds():
+    """CPU seconds all processes have spent busy so far (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def median_time(fn, runs, tries=6):
+    """Median of runs timed calls. On a shared machine a block during which other processes
+    used more than 5% of a core is timed again (up to tries times); returns (median, clean)."""
+    for _ in range(tries):
+        # OpenBLAS and OpenMP worker threads spin for a while after a call; on a 2-core
+        # machine the spinning threads of one library would steal a core from the other's
+        time.sleep(0.5)
+        fn()  # warm-up
+        b0, c0, w0 = _busy_seconds(), time.process_time(), time.perf_counter()
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        b1, c1, w1 = _busy_seconds(), time.process_time(), time.perf_counter()
+        clean = b0 is None or (b1 - b0) - (c1 - c0) < 0.05 * (w1 - w0)
+        if clean:
+            break
+    return float(np.median(ts)), clean
 
 
 def weight_copies(w, total_mb):
@@ -91,7 +110,7 @@ def main():
             it[0] = (it[0] + 1) % len(ws)
             np.matmul(x32, ws[it[0]].T)
 
-        t_np = median_time(run_np, args.runs)
+        t_np, clean_np = median_time(run_np, args.runs)
         for xdt, wdt in [(np.float32, np.float32), (np.float32, np.float16), (np.float32, ml_dtypes.bfloat16),
                          (ml_dtypes.bfloat16, ml_dtypes.bfloat16)]:
             x = x32.astype(xdt)
@@ -106,13 +125,14 @@ def main():
                 it[0] = (it[0] + 1) % len(wl)
                 _C.matmul(x, xc, wl[it[0]], wc, out)
 
-            t_q = median_time(run_q, args.runs)
+            t_q, clean_q = median_time(run_q, args.runs)
             name = f"M={M} x {NAMES[xc]} w {NAMES[wc]}"
             if M == 1:
                 rq, rn = f"{wl[0].nbytes / t_q / 1e9:.1f} GB/s", f"{w32.nbytes / t_np / 1e9:.1f} GB/s"
             else:
                 rq, rn = f"{2 * M * N * K / t_q / 1e9:.1f} GFLOP/s", f"{2 * M * N * K / t_np / 1e9:.1f} GFLOP/s"
-            print(f"{name:<22} {t_q * 1e3:>10.3f} {rq:>14} {t_np * 1e3:>13.3f} {rn:>14} {t_np / t_q:>6.2f}",
+            flag = "" if clean_q and clean_np else "  * other processes were busy"
+            print(f"{name:<22} {t_q * 1e3:>10.3f} {rq:>14} {t_np * 1e3:>13.3f} {rn:>14} {t_np / t_q:>6.2f}{flag}",
                   flush=True)
 
 

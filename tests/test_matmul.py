@@ -78,6 +78,20 @@ def test_matches_float64(M, N, K):
     assert_close(y, x, w)
 
 
+@pytest.mark.parametrize("M", [3, 40])  # dot and gemm formulations
+@pytest.mark.parametrize("wdt", ["float32", "bfloat16"])
+def test_error_at_most_twice_naive_fp32(M, wdt):
+    """The low-precision rule: no worse than 2x a naive fp32 loop (rounded products, one
+    running sum in k order), in relative L2 error against float64."""
+    N, K = 64, 4096
+    x, w = rand((M, K), np.float32, 27), rand((N, K), DTYPES[wdt][0], 28)
+    xf, wf = x.astype(np.float32), w.astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    naive = np.add.accumulate(xf[:, None, :] * wf[None, :, :], axis=2, dtype=np.float32)[..., -1]
+    err = np.linalg.norm(matmul(x, w) - ref)
+    assert err <= 2 * np.linalg.norm(naive - ref), (err, np.linalg.norm(naive - ref))
+
+
 @pytest.mark.parametrize("xdt", list(DTYPES))
 @pytest.mark.parametrize("wdt", list(DTYPES))
 @pytest.mark.parametrize("M,N,K", [(1, 131, 257), (4, 19, 31), (41, 385, 129)])

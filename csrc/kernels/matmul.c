@@ -1,11 +1,9 @@
 /* matmul.c — driver and scalar reference kernels for y[M, N] = x[M, K] @ w[N, K]^T.
  *
- * x, w: row-major fp32 / fp16 / bf16 (any pair); y: fp32, accumulated in fp32.
- * M <= QN_MM_DOT_MAX_M: x is converted to fp32 once, then tiles of up to QN_MM_DOT_NB
- * columns (rows of w) run in parallel with the dot kernel. Larger M: tiles of up to QN_MM_MB
- * rows x QN_MM_NB columns run in parallel with the GEMM kernel, each thread packing w into
- * its own panel of the workspace. The operation order of an output element is fixed by the
- * formulation (see matmul.h), so results do not depend on the thread count or the ISA.
+ * x, w: row-major fp32 / fp16 / bf16 (any pair); y: fp32. M <= QN_MM_DOT_MAX_M: x converted
+ * to fp32 once, then column tiles run the dot kernel in parallel (OpenMP). Larger M: tiles
+ * of up to QN_MM_MB x QN_MM_NB run the GEMM kernel in parallel, each thread packing w into
+ * its own workspace panel. Each output's operation order is fixed by matmul.h.
  */
 #include "matmul.h"
 

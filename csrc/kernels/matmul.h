@@ -1,15 +1,9 @@
 /* matmul.h — float-weight matmul y[M, N] = x[M, K] @ w[N, K]^T, fp32 accumulation.
  *
  * x and w are row-major (k contiguous) in fp32, fp16 or bf16, any combination; y is fp32.
- * Two formulations, chosen by M alone (never by the ISA or the thread count):
- *   dot  (M <= QN_MM_DOT_MAX_M, decode): y[m, n] is a dot product of two rows. Lane j of a
- *        16-lane partial sum takes k = j, j + 16, ... in order (one fma each), then the lanes
- *        are added as a fixed tree: i + (i+8), i + (i+4), i + (i+2), 0 + 1.
- *   gemm (M > QN_MM_DOT_MAX_M): K is cut into blocks of QN_MM_KC; a block's sum is an fma
- *        chain over its k in order, starting from 0; y[m, n] = ((b_0 + b_1) + b_2) + ...
- * Every ISA path (scalar _ref, AVX2, AVX-512) performs exactly these float operations, so
- * results are bitwise equal across paths and thread counts. The driver (matmul.c) owns the
- * OpenMP loop over output tiles; the tile kernels below are single-threaded.
+ * Scalar _ref, AVX2 and AVX-512 tile kernels perform the same float operations (the order
+ * is defined below), so results are bitwise equal across paths and thread counts. The
+ * driver (matmul.c) owns the OpenMP loop over output tiles; tile kernels are single-threaded.
  */
 #ifndef QN_MATMUL_H
 #define QN_MATMUL_H
@@ -23,11 +17,18 @@ extern "C" {
 /* Element types of x and w (same codes as the binding's QN_DT_F32/F16/BF16). */
 enum qn_mm_dtype { QN_MM_F32 = 0, QN_MM_F16 = 1, QN_MM_BF16 = 2 };
 
-/* Largest M that takes the dot formulation: up to here streaming w once from memory with
+/* Summation order, chosen by M alone (never by the ISA or the thread count):
+ *   dot  (M <= QN_MM_DOT_MAX_M, decode): y[m, n] is a dot product of two rows. Lane j of a
+ *        16-lane partial sum takes k = j, j + 16, ... in order (one fma each), then the lanes
+ *        are added as a fixed tree: i + (i+8), i + (i+4), i + (i+2), 0 + 1.
+ *   gemm (M > QN_MM_DOT_MAX_M): K is cut into blocks of QN_MM_KC; a block's sum is an fma
+ *        chain over its k in order, starting from 0; y[m, n] = ((b_0 + b_1) + b_2) + ...
+ * Largest M that takes the dot formulation: up to here streaming w once from memory with
  * several rows of x per pass beats packing it (measured crossover: M = 32 .. 64). */
 #define QN_MM_DOT_MAX_M 32
-/* GEMM blocking, shared by every ISA: K is walked in blocks of QN_MM_KC, a tile holds at
- * most QN_MM_NB columns (a multiple of every ISA's micro-panel width) and QN_MM_MB rows. */
+/* GEMM blocking, shared by every ISA: K is walked in blocks of QN_MM_KC (part of the
+ * summation order above); a tile holds at most QN_MM_NB columns (a multiple of every ISA's
+ * micro-panel width) and QN_MM_MB rows (only speed depends on these two). */
 #define QN_MM_KC 256
 #define QN_MM_NB 384
 #define QN_MM_MB 256

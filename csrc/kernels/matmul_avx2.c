@@ -1,12 +1,10 @@
 /* matmul_avx2.c — AVX2 + FMA + F16C tile kernels for matmul.h, y = x @ w^T.
  *
- * dot (GEMV): the 16-lane partial sum of an output is held as two ymm (lanes 0-7 and
- * 8-15 of the formulation); a group of 2-4 rows of w (fp16/bf16 widened on load) meets the
- * rows of x 1-2 at a time. Adding the two halves first is the first step of the lane tree.
- * gemm: per K block of QN_MM_KC, 16 rows of w at a time are transposed into a micro-panel
- * [kc][16] (8x8 in-register transposes) while the next 16 rows are prefetched, then a
- * 6 x 16 micro-kernel (12 ymm accumulators, x broadcast) walks k in order over all rows of
- * x. Single-threaded: matmul.c owns the threads.
+ * dot: an output's 16-lane sum is two ymm (lanes 0-7, 8-15; adding them is the tree's first
+ * step); 2-4 rows of w (fp16/bf16 widened on load) meet the rows of x 1-2 at a time.
+ * gemm: per K block, 16 rows of w are transposed into a micro-panel [kc][16] while the next
+ * 16 are prefetched; a 6 x 16 micro-kernel (12 ymm accumulators, x broadcast) walks k in
+ * order over all rows of x. Single-threaded: matmul.c owns the threads.
  */
 #include <immintrin.h>
 

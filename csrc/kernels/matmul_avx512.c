@@ -1,12 +1,10 @@
 /* matmul_avx512.c — AVX-512 (F/BW/VL/DQ) tile kernels for matmul.h, y = x @ w^T.
  *
- * dot (GEMV): one zmm accumulator per output is exactly the 16-lane partial sum of the
- * formulation; a group of 6-8 rows of w (fp16/bf16 widened on load) meets the rows of x
- * 1-4 at a time, so the group streams from memory once with 6-8 rows in flight.
- * gemm: per K block of QN_MM_KC, 48 rows of w at a time are transposed into a micro-panel
- * [kc][48] (16x16 in-register transposes) while the next 48 rows are prefetched, then an
- * 8 x 48 micro-kernel (24 zmm accumulators, x broadcast) walks k in order over all rows of
- * x. Single-threaded: matmul.c owns the threads.
+ * dot: one zmm per output is the formulation's 16-lane sum; 6-8 rows of w (fp16/bf16
+ * widened on load) stream from memory once and meet the rows of x 1-4 at a time.
+ * gemm: per K block, 48 rows of w are transposed into a micro-panel [kc][48] while the next
+ * 48 are prefetched; an 8 x 48 micro-kernel (24 zmm accumulators, x broadcast) walks k in
+ * order over all rows of x. Single-threaded: matmul.c owns the threads.
  */
 #include <immintrin.h>
 

@@ -1,8 +1,6 @@
-/* test_matmul.c — every ISA path of qn_matmul against the scalar _ref path, bitwise, on odd
- * shapes (primes, K not a multiple of 16, both formulations, several K blocks and tiles),
- * all 9 dtype pairs, padded row strides and 1-3 threads; plus a float64 sanity bound and the
- * error statuses. Build and run from the repository root (add -fsanitize=address,undefined
- * to F for a sanitizer run):
+/* test_matmul.c — every ISA path of qn_matmul against the _ref path, bitwise, on odd shapes,
+ * all 9 dtype pairs, padded strides and 1-3 threads; a float64 bound; the error statuses.
+ * Build and run from the repository root (add -fsanitize=address,undefined to F for ASan):
  *   mkdir -p tests/c/build && cd tests/c/build && F="-std=c11 -O2 -g -fopenmp -ffp-contract=off -I../../../csrc" &&
  *   for f in ../../../csrc/[a-z]*.c ../../../csrc/kernels/[a-z]*.c; do case $f in *_avx2.c) X="-mavx2 -mfma -mf16c";; *_avx512.c) X="-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni";; *) X="";; esac; gcc $F $X -c $f -o $(basename $f .c).o || break; done &&
  *   gcc $F ../test_matmul.c *.o -lm -o test_matmul && ./test_matmul
