@@ -226,17 +226,24 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6, residual: Opti
     return out if out is not None else y.reshape(x.shape)
 
 
+def _elementwise_pair(op: str, an: str, a, bn: str, b, out) -> tuple:
+    """Checks two same-shape C-contiguous operands (and out) of an elementwise op; returns
+    their dtype codes."""
+    adt, bdt = _dtype_code(op, an, a), _dtype_code(op, bn, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {an} and {bn} must have the same shape, got {a.shape} and {b.shape}")
+    for name, arr in ((an, a), (bn, b)) + ((("out", out),) if out is not None else ()):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{op}: {name} must be C-contiguous")
+    if out is not None and out.shape != a.shape:
+        raise ValueError(f"{op}: out must have shape {a.shape}, got {out.shape}")
+    return adt, bdt
+
+
 def add(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Elementwise a + b (same shape; float32, float16 or bfloat16), float32 output; out may
     be a or b itself (a float32 residual stream updated in place)."""
-    adt, bdt = _dtype_code("add", "a", a), _dtype_code("add", "b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"add: a and b must have the same shape, got {a.shape} and {b.shape}")
-    for name, arr in (("a", a), ("b", b)) + ((("out", out),) if out is not None else ()):
-        if not arr.flags.c_contiguous:
-            raise ValueError(f"add: {name} must be C-contiguous")
-    if out is not None and out.shape != a.shape:
-        raise ValueError(f"add: out must have shape {a.shape}, got {out.shape}")
+    adt, bdt = _elementwise_pair("add", "a", a, "b", b, out)
     y = _C.add(a.reshape(-1), adt, b.reshape(-1), bdt, None if out is None else out.reshape(-1))
     return out if out is not None else y.reshape(a.shape)
 
@@ -244,16 +251,9 @@ def add(a: np.ndarray, b: np.ndarray, out: Optional[np.ndarray] = None) -> np.nd
 def silu_mul(gate: np.ndarray, up: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """SwiGLU's product silu(gate) * up, silu(g) = g / (1 + exp(-g)); gate and up [..., F] of
     one dtype (float32, float16, bfloat16), C-contiguous; float32 output of the same shape."""
-    dt = _dtype_code("silu_mul", "gate", gate)
-    if _dtype_code("silu_mul", "up", up) != dt:
+    dt, udt = _elementwise_pair("silu_mul", "gate", gate, "up", up, out)
+    if udt != dt:
         raise TypeError(f"silu_mul: up must have gate's dtype {gate.dtype}, got {up.dtype}")
-    if gate.shape != up.shape:
-        raise ValueError(f"silu_mul: gate and up must have the same shape, got {gate.shape} and {up.shape}")
-    for name, arr in (("gate", gate), ("up", up)) + ((("out", out),) if out is not None else ()):
-        if not arr.flags.c_contiguous:
-            raise ValueError(f"silu_mul: {name} must be C-contiguous")
-    if out is not None and out.shape != gate.shape:
-        raise ValueError(f"silu_mul: out must have shape {gate.shape}, got {out.shape}")
     y = _C.silu_mul(gate.reshape(-1), up.reshape(-1), dt, None if out is None else out.reshape(-1))
     return out if out is not None else y.reshape(gate.shape)
 

@@ -42,15 +42,6 @@ static void make_q(qbuf *q, const qn_format *f, int64_t N, int64_t K) {
 
 static void free_q(qbuf *q) { free(q->o.codes); free(q->o.scales); free(q->o.offsets); }
 
-static qn_format fmt(int bits, int group, int kind, int offset, int scale) {
-    qn_format f;
-    memset(&f, 0, sizeof f);
-    f.bits = bits; f.group = group; f.kind = kind; f.offset = offset; f.scale = scale;
-    if (kind == QN_LUT)
-        for (int i = 0; i < (1 << bits); i++) f.lut[i] = (float)(i - (1 << (bits - 1))) / (float)(1 << (bits - 1));
-    return f;
-}
-
 /* ---- routing ---- */
 
 static void route(float *w, int32_t *ids, const float *logits, int64_t T, int64_t E, qn_moe_route_params p) {

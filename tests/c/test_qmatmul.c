@@ -46,15 +46,6 @@ static void free_q(qbuf *q) {
     free(q->o.codes); free(q->o.scales); free(q->o.offsets); free(q->o.supers); free(q->o.super_mins);
 }
 
-static qn_format fmt(int bits, int group, int kind, int offset, int scale) {
-    qn_format f;
-    memset(&f, 0, sizeof f);
-    f.bits = bits; f.group = group; f.kind = kind; f.offset = offset; f.scale = scale;
-    if (kind == QN_LUT)
-        for (int i = 0; i < (1 << bits); i++) f.lut[i] = (float)(i - (1 << (bits - 1))) / (float)(1 << (bits - 1));
-    return f;
-}
-
 /* y[M, N] through the dispatched kernels, with guard bytes around the output rows */
 static float *run(const qn_qweight *w, const float *x, int64_t M, int64_t ldy) {
     float *y = xalloc((size_t)((M + 2) * ldy * 4));

@@ -27,4 +27,17 @@ static inline float nrand(void) {
     return (float)(sqrt(-2.0 * log(urand() + 1e-300)) * cos(6.283185307179586 * urand()));
 }
 
+#ifdef QN_FORMATS_H
+#include <string.h>
+/* A format descriptor; lut formats get an evenly spaced table in [-1, 1). */
+static inline qn_format fmt(int bits, int group, int kind, int offset, int scale) {
+    qn_format f;
+    memset(&f, 0, sizeof f);
+    f.bits = bits; f.group = group; f.kind = kind; f.offset = offset; f.scale = scale;
+    if (kind == QN_LUT)
+        for (int i = 0; i < (1 << bits); i++) f.lut[i] = (float)(i - (1 << (bits - 1))) / (float)(1 << (bits - 1));
+    return f;
+}
+#endif
+
 #endif
