@@ -130,6 +130,61 @@ class KVCache:
             pos += m
         self._lens[seq_id][layer] = n0 + T
 
+    def reserve(self, seq_id, n: int) -> np.ndarray:
+        """Room for n more tokens of sequence seq_id in every layer: allocates blocks and
+        advances the sequence's length in all layers at once (the model's path; `append`
+        is the per-layer one). Returns int64 slots [n] (block * block_size + row) for
+        `write`. Raises KVCacheFullError, allocating nothing, when blocks run out."""
+        table = self._get(seq_id)
+        lens = self._lens[seq_id]
+        n0, bs = lens[0], self.block_size
+        if any(x != n0 for x in lens):
+            raise ValueError(f"KVCache.reserve: sequence {seq_id!r} has different lengths per layer {lens}")
+        need = -(-(n0 + n) // bs) - len(table)
+        if need > len(self._free):
+            raise KVCacheFullError(f"KVCache: sequence {seq_id!r} needs {need} more blocks of {bs} tokens, "
+                                   f"{len(self._free)} free of {self.n_blocks}")
+        for _ in range(max(need, 0)):
+            b = self._free.pop()
+            table.append(b)
+            if self.quantized:
+                for sc in self.k_scale + self.v_scale:
+                    sc[b] = 0.0
+        pos = np.arange(n0, n0 + n)
+        lens[:] = [n0 + n] * self.n_layers
+        return np.asarray(table, np.int64)[pos // bs] * bs + pos % bs
+
+    def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Stores float32 k, v [n, Hkv, D] at `slots` (from `reserve`) of layer `layer`."""
+        if not self.quantized:
+            flat = (self.n_blocks * self.block_size, self.n_kv_heads, self.head_dim)
+            self.k[layer].reshape(flat)[slots] = k
+            self.v[layer].reshape(flat)[slots] = v
+            return
+        bs = self.block_size
+        start = 0
+        n = len(slots)
+        while start < n:  # runs of consecutive slots within one block
+            blk, row = divmod(int(slots[start]), bs)
+            end = start + 1
+            while end < n and slots[end] == slots[end - 1] + 1 and slots[end] // bs == blk:
+                end += 1
+            self._write(self.k[layer], self.k_scale[layer], blk, row, np.asarray(k[start:end], np.float32))
+            self._write(self.v[layer], self.v_scale[layer], blk, row, np.asarray(v[start:end], np.float32))
+            start = end
+
+    def gather(self, layer: int, slots: np.ndarray):
+        """float32 (k, v) [n, Hkv, D] stored at `slots` of layer `layer` (dequantized)."""
+        flat = (self.n_blocks * self.block_size, self.n_kv_heads, self.head_dim)
+        blocks = slots // self.block_size
+        out = []
+        for store, scale in ((self.k[layer], self.k_scale[layer]), (self.v[layer], self.v_scale[layer])):
+            x = store.reshape(flat)[slots].astype(np.float32)
+            if self.quantized:
+                x *= scale[blocks][:, :, None]
+            out.append(np.ascontiguousarray(x))
+        return out[0], out[1]
+
     def _write(self, store: np.ndarray, scale, blk: int, row: int, x: np.ndarray) -> None:
         """Rows row .. row + len(x) of block blk from float32 x [m, Hkv, D]."""
         m = x.shape[0]

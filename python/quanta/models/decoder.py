@@ -1,0 +1,355 @@
+"""The decoder-only transformer: pre-norm attention and MLP (dense SwiGLU or a Mixture of
+Experts) blocks over a float32 residual stream, on the quanta kernels.
+
+Two ways through it, sharing every layer:
+  prefill  T tokens of one or more sequences (concatenated, ``cu_seqlens``): flash
+           attention within each sequence; k and v optionally written to a paged cache.
+  decode   one new token for each of B sequences: k and v written to the cache, attention
+           over each sequence's cached keys (flash-decoding over the paged cache).
+The residual stream is updated by the fused add + RMSNorm kernel: each block writes its
+output to ``delta``; the next norm adds it into ``res`` and normalizes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+from .. import _C, ops
+from ..formats import MoEExperts, QuantizedTensor, SharedExpert
+from .config import ModelConfig
+from .layers import Embedding, Linear, fuse_bias, fuse_rows
+
+_MLP_CHUNK = 512  # prefill rows per MLP pass: bounds the [rows, ffn] scratch
+
+
+class Attention:
+    def __init__(self, cfg: ModelConfig, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
+                 q_norm=None, k_norm=None):
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.H, self.Hkv, self.hd, self.layer = H, Hkv, hd, layer
+        self.nq, self.nkv = H * hd, Hkv * hd
+        for name, w, n in (("q", wq, self.nq), ("k", wk, self.nkv), ("v", wv, self.nkv)):
+            if tuple(w.shape) != (n, cfg.hidden_size):
+                raise ValueError(f"layer {layer}: {name} projection has shape {tuple(w.shape)}, the config "
+                                 f"implies {(n, cfg.hidden_size)}")
+        if tuple(wo.shape) != (cfg.hidden_size, self.nq):
+            raise ValueError(f"layer {layer}: o projection has shape {tuple(wo.shape)}, the config implies "
+                             f"{(cfg.hidden_size, self.nq)}")
+        fused = fuse_rows([wq, wk, wv])
+        if fused is not None:
+            self.qkv = Linear(fused, fuse_bias([bq, bk, bv], [self.nq, self.nkv, self.nkv]))
+            self.q = self.k = self.v = None
+        else:
+            self.qkv = None
+            self.q, self.k, self.v = Linear(wq, bq), Linear(wk, bk), Linear(wv, bv)
+        self.o = Linear(wo)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = None if q_norm is None else np.ascontiguousarray(q_norm, dtype=np.float32).reshape(-1)
+        self.k_norm = None if k_norm is None else np.ascontiguousarray(k_norm, dtype=np.float32).reshape(-1)
+        if self.qk_norm is not None:
+            want = (hd, hd) if self.qk_norm == "head" else (self.nq, self.nkv)
+            got = (getattr(self.q_norm, "size", None), getattr(self.k_norm, "size", None))
+            if got != want:
+                raise ValueError(f"layer {layer}: q/k norm weights have sizes {got}, expected {want}")
+        self.eps = cfg.rms_eps
+        self.window = cfg.layer_windows[layer]
+        self.scale = 1.0 / float(np.sqrt(hd))
+        self.inv_freq, self.mscale = ops.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.neox = cfg.rope_style == "neox"
+
+    def linears(self):
+        return [l for l in (self.qkv, self.q, self.k, self.v, self.o) if l is not None]
+
+    def project(self, h: np.ndarray, b) -> tuple:
+        """q [M, H, hd], k, v [M, Hkv, hd] float32 C-contiguous, normed and rotated."""
+        M = h.shape[0]
+        if self.qkv is not None:
+            self.qkv(h, b.qkv)
+            if b.qkv_views is not None:
+                q, k, v = b.qkv_views
+            else:
+                q, k, v = b.q, b.k, b.v
+                np.copyto(q.reshape(M, -1), b.qkv[:, :self.nq])
+                np.copyto(k.reshape(M, -1), b.qkv[:, self.nq:self.nq + self.nkv])
+                np.copyto(v.reshape(M, -1), b.qkv[:, self.nq + self.nkv:])
+        else:
+            q, k, v = b.q, b.k, b.v
+            self.q(h, q.reshape(M, -1))
+            self.k(h, k.reshape(M, -1))
+            self.v(h, v.reshape(M, -1))
+        if self.qk_norm == "head":
+            _C.rmsnorm(q.reshape(-1, self.hd), 0, self.q_norm, self.eps, None, b.qn.reshape(-1, self.hd))
+            _C.rmsnorm(k.reshape(-1, self.hd), 0, self.k_norm, self.eps, None, b.kn.reshape(-1, self.hd))
+            q, k = b.qn, b.kn
+        elif self.qk_norm == "full":
+            _C.rmsnorm(q.reshape(M, -1), 0, self.q_norm, self.eps, None, b.qn.reshape(M, -1))
+            _C.rmsnorm(k.reshape(M, -1), 0, self.k_norm, self.eps, None, b.kn.reshape(M, -1))
+            q, k = b.qn, b.kn
+        _C.rope(q, b.positions, self.inv_freq, self.mscale, self.neox)
+        _C.rope(k, b.positions, self.inv_freq, self.mscale, self.neox)
+        return q, k, v
+
+    def prefill(self, h, b, cache, slots, cu_seqlens):
+        q, k, v = self.project(h, b)
+        if cache is not None:
+            cache.write(self.layer, slots, k, v)
+        _C.attention(q, k, v, 0, 1, -1 if self.window is None else self.window - 1, 0.0, self.scale,
+                     cu_seqlens, cu_seqlens, b.attn)
+        self.o(b.attn.reshape(h.shape[0], -1), b.delta)
+
+    def decode(self, h, b, cache, slots, block_tables, seq_lens):
+        q, k, v = self.project(h, b)
+        cache.write(self.layer, slots, k, v)
+        if self.window is not None and int(seq_lens.max()) > self.window:
+            self._windowed(q, cache, block_tables, seq_lens, b.attn)
+        else:
+            kc, vc, ks, vs = cache.kernel_arrays(self.layer)
+            _C.paged_attention(q, kc, vc, ks, vs, 0, cache.kv_code, block_tables, seq_lens, self.scale, 0.0,
+                               b.attn)
+        self.o(b.attn.reshape(h.shape[0], -1), b.delta)
+
+    def _windowed(self, q, cache, block_tables, seq_lens, out):
+        """Decode for sequences longer than the sliding window: the last `window` keys of
+        each, gathered from the cache, through the flash kernel."""
+        bs = cache.block_size
+        for i in range(q.shape[0]):
+            n = int(seq_lens[i])
+            pos = np.arange(max(0, n - self.window), n)
+            slots = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            k, v = cache.gather(self.layer, slots)
+            _C.attention(q[i:i + 1], k, v, 0, 1, -1, 0.0, self.scale, None, None, out[i:i + 1])
+
+
+class DenseMLP:
+    def __init__(self, cfg: ModelConfig, layer: int, gate, up, down):
+        I, D = cfg.intermediate_size, cfg.hidden_size
+        for name, w, shape in (("gate", gate, (I, D)), ("up", up, (I, D)), ("down", down, (D, I))):
+            if tuple(w.shape) != shape:
+                raise ValueError(f"layer {layer}: mlp {name} projection has shape {tuple(w.shape)}, the config "
+                                 f"implies {shape}")
+        self.I = I
+        fused = fuse_rows([gate, up])
+        self.gate_up = None if fused is None else Linear(fused)
+        self.gate = self.up = None
+        if fused is None:
+            self.gate, self.up = Linear(gate), Linear(up)
+        self.down = Linear(down)
+
+    def linears(self):
+        return [l for l in (self.gate_up, self.gate, self.up, self.down) if l is not None]
+
+    def __call__(self, h, out, b):
+        M = h.shape[0]
+        if M <= _MLP_CHUNK:
+            return self._rows(h, out, b.mlp(M))
+        for r in range(0, M, _MLP_CHUNK):
+            e = min(r + _MLP_CHUNK, M)
+            self._rows(h[r:e], out[r:e], b.mlp(e - r))
+        return out
+
+    def _rows(self, h, out, s):
+        gu, g, u, act = s[:4]
+        if self.gate_up is not None:
+            self.gate_up(h, gu)
+            if g is None:  # several rows: the halves are strided views
+                g, u = s[4], s[5]
+                np.copyto(g, gu[:, :self.I])
+                np.copyto(u, gu[:, self.I:])
+        else:
+            g, u = s[4], s[5]
+            self.gate(h, g)
+            self.up(h, u)
+        _C.silu_mul(g.reshape(-1), u.reshape(-1), 0, act.reshape(-1))
+        self.down(act, out)
+        return out
+
+
+class MoEBlock:
+    """Routed experts (+ an optional shared expert with an optional sigmoid gate).
+
+    Quantized experts run in one C call (routing, grouping by expert, SwiGLU, weighted sum);
+    float experts (float32 checkpoints, kept exact) run expert by expert on the float matmul.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, router, gates, ups, downs, shared=None, shared_gate=None):
+        E, D, I = cfg.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        router = np.ascontiguousarray(np.asarray(router, dtype=np.float32))
+        if router.shape != (E, D):
+            raise ValueError(f"layer {layer}: router has shape {router.shape}, the config implies {(E, D)}")
+        if not (len(gates) == len(ups) == len(downs) == E):
+            raise ValueError(f"layer {layer}: {len(gates)}/{len(ups)}/{len(downs)} expert weights for {E} experts")
+        for e in range(E):
+            for name, w, shape in (("gate", gates[e], (I, D)), ("up", ups[e], (I, D)), ("down", downs[e], (D, I))):
+                if tuple(w.shape) != shape:
+                    raise ValueError(f"layer {layer}: expert {e} {name} has shape {tuple(w.shape)}, expected {shape}")
+        self.router_t = np.ascontiguousarray(router.T)
+        self.E, self.top_k, self.renorm = E, cfg.top_k, bool(cfg.norm_topk_prob)
+        self.quantized = all(isinstance(w, QuantizedTensor) for w in list(gates) + list(ups) + list(downs))
+        self.shared_gate = None if shared_gate is None else np.ascontiguousarray(
+            np.asarray(shared_gate, dtype=np.float32).reshape(-1))
+        shared_q = shared is not None and all(isinstance(w, QuantizedTensor) for w in shared)
+        if self.quantized and (shared is None or shared_q):
+            self.experts = MoEExperts(gates, ups, downs)
+            self.shared = None if shared is None else SharedExpert(*shared, gate=self.shared_gate)
+            self._c_shared = None if self.shared is None else self.shared._c
+            self.float_experts = None
+            self.shared_mlp = None
+        else:
+            self.experts = self.shared = None
+            self.float_experts = [(Linear(g), Linear(u), Linear(d)) for g, u, d in zip(gates, ups, downs)]
+            self.shared_mlp = None if shared is None else tuple(Linear(w) for w in shared)
+        self._ra = (self.top_k, 0, int(self.renorm), None, 0, 0, 1.0)
+
+    def linears(self):
+        out = []
+        if self.float_experts is not None:
+            out += [l for t in self.float_experts for l in t]
+        if self.shared_mlp is not None:
+            out += list(self.shared_mlp)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        n = self.router_t.nbytes + sum(l.nbytes for l in self.linears())
+        if self.experts is not None:
+            n += self.experts.nbytes + (0 if self.shared is None else self.shared.nbytes)
+        return n
+
+    def __call__(self, h, out, b):
+        logits = h @ self.router_t
+        if self.experts is not None:
+            _C.moe(h, 0, logits, 0, *self._ra, None, None, self.experts._c, self._c_shared, out, None)
+            return out
+        w, ids = _C.moe_route(logits, 0, *self._ra)
+        out[...] = 0
+        for e in np.unique(ids):
+            rows, slot = np.nonzero(ids == e)
+            y = _swiglu(h[rows], *self.float_experts[int(e)])
+            out[rows] += w[rows, slot][:, None] * y
+        if self.shared_mlp is not None:
+            y = _swiglu(h, *self.shared_mlp)
+            if self.shared_gate is not None:
+                y *= (1.0 / (1.0 + np.exp(-(h @ self.shared_gate))))[:, None].astype(np.float32)
+            out += y
+        return out
+
+
+def _swiglu(x, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    M = x.shape[0]
+    g = gate(x, np.empty((M, gate.N), np.float32))
+    u = up(x, np.empty((M, up.N), np.float32))
+    _C.silu_mul(g.reshape(-1), u.reshape(-1), 0, g.reshape(-1))
+    return down(g, np.empty((M, down.N), np.float32))
+
+
+class Block:
+    def __init__(self, attn_norm, attn: Attention, ffn_norm, mlp):
+        self.attn_norm = np.ascontiguousarray(attn_norm, dtype=np.float32).reshape(-1)
+        self.ffn_norm = np.ascontiguousarray(ffn_norm, dtype=np.float32).reshape(-1)
+        self.attn, self.mlp = attn, mlp
+
+
+class Buffers:
+    """Scratch arrays for M rows, and views that skip copies when M == 1."""
+
+    def __init__(self, cfg: ModelConfig, M: int, fused_qkv: bool, mlp_sizes):
+        f = np.float32
+        D, H, Hkv, hd = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.M = M
+        self.res = np.zeros((M, D), f)
+        self.delta = np.empty((M, D), f)
+        self.h = np.empty((M, D), f)
+        self.positions = np.empty(M, np.int32)
+        self.qkv = np.empty((M, (H + 2 * Hkv) * hd), f) if fused_qkv else None
+        self.qkv_views = None
+        if fused_qkv and M == 1:
+            r = self.qkv[0]
+            self.qkv_views = (r[:H * hd].reshape(1, H, hd), r[H * hd:(H + Hkv) * hd].reshape(1, Hkv, hd),
+                              r[(H + Hkv) * hd:].reshape(1, Hkv, hd))
+        self.q = np.empty((M, H, hd), f)
+        self.k = np.empty((M, Hkv, hd), f)
+        self.v = np.empty((M, Hkv, hd), f)
+        self.qn = np.empty((M, H, hd), f) if cfg.qk_norm else None
+        self.kn = np.empty((M, Hkv, hd), f) if cfg.qk_norm else None
+        self.attn = np.empty((M, H, hd), f)
+        self._mlp_sizes = mlp_sizes  # intermediate sizes of the dense MLPs
+        self._mlp = {}
+
+    def mlp(self, rows: int):
+        s = self._mlp.get(rows)
+        if s is None:
+            I = max(self._mlp_sizes) if self._mlp_sizes else 1
+            gu = np.empty((rows, 2 * I), np.float32)
+            act = np.empty((rows, I), np.float32)
+            g2, u2 = np.empty((rows, I), np.float32), np.empty((rows, I), np.float32)
+            if rows == 1:
+                s = (gu, gu[:, :I], gu[:, I:], act, g2, u2)
+            else:
+                s = (gu, None, None, act, g2, u2)
+            self._mlp[rows] = s
+        return s
+
+
+class Decoder:
+    """Embedding, blocks, final norm and LM head of a decoder-only transformer."""
+
+    def __init__(self, cfg: ModelConfig, embed: Embedding, blocks: List[Block], norm, lm_head: Linear):
+        if len(blocks) != cfg.n_layers:
+            raise ValueError(f"{len(blocks)} blocks for {cfg.n_layers} layers")
+        self.cfg, self.embed, self.blocks, self.lm_head = cfg, embed, blocks, lm_head
+        self.norm = np.ascontiguousarray(norm, dtype=np.float32).reshape(-1)
+        if self.norm.shape != (cfg.hidden_size,):
+            raise ValueError(f"final norm has {self.norm.size} values, expected {cfg.hidden_size}")
+        if (lm_head.N, lm_head.K) != (cfg.vocab_size, cfg.hidden_size) and lm_head.K != cfg.hidden_size:
+            raise ValueError(f"lm_head has shape {(lm_head.N, lm_head.K)}, expected ({cfg.vocab_size}, {cfg.hidden_size})")
+        self.vocab_size = lm_head.N
+        self._fused_qkv = all(b.attn.qkv is not None for b in blocks)
+        self._mlp_sizes = sorted({b.mlp.I for b in blocks if isinstance(b.mlp, DenseMLP)})
+        if len(self._mlp_sizes) > 1:
+            raise ValueError(f"dense MLP layers of different widths {self._mlp_sizes} are not supported")
+        self._decode_bufs = {}
+
+    def linears(self) -> List[Linear]:
+        out = [self.lm_head]
+        for b in self.blocks:
+            out += b.attn.linears()
+            out += b.mlp.linears() if hasattr(b.mlp, "linears") else []
+        return out
+
+    def buffers(self, M: int, keep: bool) -> Buffers:
+        b = self._decode_bufs.get(M) if keep else None
+        if b is None:
+            b = Buffers(self.cfg, M, self._fused_qkv, self._mlp_sizes)
+            if keep:
+                self._decode_bufs[M] = b
+        return b
+
+    def _run(self, ids, positions, step, b: Buffers, logit_rows):
+        cfg = self.cfg
+        M = ids.shape[0]
+        b.positions[:] = positions
+        b.res[...] = 0
+        self.embed(ids, b.delta)
+        eps = cfg.rms_eps
+        for blk in self.blocks:
+            _C.rmsnorm(b.delta, 0, blk.attn_norm, eps, b.res, b.h)
+            step(blk.attn, b)
+            _C.rmsnorm(b.delta, 0, blk.ffn_norm, eps, b.res, b.h)
+            blk.mlp(b.h, b.delta, b)
+        _C.rmsnorm(b.delta, 0, self.norm, eps, b.res, b.h)
+        h = b.h if logit_rows is None else np.ascontiguousarray(b.h[logit_rows])
+        return self.lm_head(h, np.empty((h.shape[0], self.vocab_size), np.float32))
+
+    def prefill(self, ids: np.ndarray, positions: np.ndarray, cu_seqlens: Optional[np.ndarray] = None,
+                cache=None, slots: Optional[np.ndarray] = None, logit_rows=None) -> np.ndarray:
+        """Logits [len(logit_rows) or T, V] for T tokens (sequences concatenated per cu_seqlens)."""
+        b = self.buffers(ids.shape[0], keep=False)
+        return self._run(ids, positions, lambda a, b: a.prefill(b.h, b, cache, slots, cu_seqlens), b, logit_rows)
+
+    def decode(self, ids: np.ndarray, positions: np.ndarray, cache, slots, block_tables, seq_lens) -> np.ndarray:
+        """Logits [B, V] for one new token per sequence; seq_lens count the new token."""
+        b = self.buffers(ids.shape[0], keep=True)
+        return self._run(ids, positions, lambda a, b: a.decode(b.h, b, cache, slots, block_tables, seq_lens),
+                         b, None)
