@@ -184,7 +184,6 @@ def load(path: Optional[str] = None, quant=None, device: str = "cpu", kv_dtype="
     src = default_model_path() if path is None else os.fspath(path)
     if not os.path.exists(src):
         raise FileNotFoundError(f"load: no such file or folder: {src}")
-    from ..tokenizer import Tokenizer
     if os.path.isdir(src):
         from ..io.hf import open_hf_folder
         folder = open_hf_folder(src)
@@ -192,12 +191,16 @@ def load(path: Optional[str] = None, quant=None, device: str = "cpu", kv_dtype="
         tensors = canonical_hf(folder.tensors)
         tok = None
         if folder.tokenizer_json is not None:
+            from ..tokenizer import Tokenizer
             tok = Tokenizer.from_hf(folder.tokenizer_json, folder.tokenizer_config, folder.generation_config)
     else:
         from ..io.gguf import read_gguf
         gf = read_gguf(src)
         cfg = from_gguf(gf.metadata)
         tensors = canonical_gguf(gf.tensors)
-        tok = Tokenizer.from_gguf(gf.metadata) if "tokenizer.ggml.model" in gf.metadata else None
+        tok = None
+        if "tokenizer.ggml.model" in gf.metadata:
+            from ..tokenizer import Tokenizer
+            tok = Tokenizer.from_gguf(gf.metadata)
     decoder = build_decoder(cfg, tensors, quant, progress)
     return Model(decoder, cfg, tok, src, quant, kv_dtype, {"progress": False})
