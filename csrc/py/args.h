@@ -77,5 +77,7 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *qn_py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_moe_route(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_decoder_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

@@ -105,6 +105,11 @@ static PyMethodDef methods[] = {
     {"moe_route", (PyCFunction)(void (*)(void))qn_py_moe_route, METH_FASTCALL,
      "moe_route(logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)"
      " -> (weights, ids)"},
+    {"decoder_plan", (PyCFunction)(void (*)(void))qn_py_decoder_plan, METH_FASTCALL,
+     "decoder_plan(layers, dims) -> capsule: validated weights of the dense layers for decoder_step."},
+    {"decoder_step", (PyCFunction)(void (*)(void))qn_py_decoder_step, METH_FASTCALL,
+     "decoder_step(plan, res, delta, k_cache, v_cache, kvdtype, tables, seq_lens, positions, slots): "
+     "one decode step through all planned layers."},
     {"moe", (PyCFunction)(void (*)(void))qn_py_moe, METH_FASTCALL,
      "moe(x, xdtype, logits, ldtype, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling,"
      " weights, ids, experts, shared, out, counts) -> out"},

@@ -57,9 +57,13 @@ class KVCache:
         self.n_kv_heads, self.head_dim, self.dtype = int(n_kv_heads), int(head_dim), dt
         self.kv_code = _KV_CODES[dt]
         self.quantized = self.kv_code >= 3
-        shape = (self.n_blocks, self.block_size, self.n_kv_heads, self.head_dim)
-        self.k = [np.zeros(shape, dt) for _ in range(self.n_layers)]
-        self.v = [np.zeros(shape, dt) for _ in range(self.n_layers)]
+        # one array per K and V for all layers ([n_layers * n_blocks, ...], what the fused
+        # decode step takes); k[layer] / v[layer] are views of it
+        shape = (self.n_layers * self.n_blocks, self.block_size, self.n_kv_heads, self.head_dim)
+        self.k_all, self.v_all = np.zeros(shape, dt), np.zeros(shape, dt)
+        nb = self.n_blocks
+        self.k = [self.k_all[l * nb:(l + 1) * nb] for l in range(self.n_layers)]
+        self.v = [self.v_all[l * nb:(l + 1) * nb] for l in range(self.n_layers)]
         if self.quantized:
             self.k_scale = [np.zeros((self.n_blocks, self.n_kv_heads), np.float32) for _ in range(self.n_layers)]
             self.v_scale = [np.zeros((self.n_blocks, self.n_kv_heads), np.float32) for _ in range(self.n_layers)]

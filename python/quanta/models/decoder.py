@@ -310,6 +310,28 @@ class Decoder:
         if len(self._mlp_sizes) > 1:
             raise ValueError(f"dense MLP layers of different widths {self._mlp_sizes} are not supported")
         self._decode_bufs = {}
+        self._plan = self._make_plan()
+
+    def _make_plan(self):
+        """The fused decode step's validated weights, when every layer is a dense block with
+        fused qkv and gate/up projections; else None (the op-by-op path runs)."""
+        if not all(isinstance(b.mlp, DenseMLP) and b.mlp.gate_up is not None and b.attn.qkv is not None
+                   for b in self.blocks):
+            return None
+        mode = {None: 0, "head": 1, "full": 2}
+        layers = tuple((b.attn_norm, b.ffn_norm, b.attn.qkv.plan_tuple(), b.attn.o.plan_tuple(),
+                        b.mlp.gate_up.plan_tuple(), b.mlp.down.plan_tuple(), b.attn.q_norm, b.attn.k_norm,
+                        mode[b.attn.qk_norm]) for b in self.blocks)
+        a, c = self.blocks[0].attn, self.cfg
+        dims = (c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, self._mlp_sizes[0], c.rms_eps, a.scale,
+                a.inv_freq, a.mscale, a.neox)
+        return _C.decoder_plan(layers, dims)
+
+    def fused_step_ok(self, cache, seq_lens) -> bool:
+        if self._plan is None or cache.kv_code > 2:
+            return False
+        w = [x for x in self.cfg.layer_windows if x is not None]
+        return not w or int(seq_lens.max()) <= min(w)
 
     def linears(self) -> List[Linear]:
         out = [self.lm_head]
@@ -351,5 +373,12 @@ class Decoder:
     def decode(self, ids: np.ndarray, positions: np.ndarray, cache, slots, block_tables, seq_lens) -> np.ndarray:
         """Logits [B, V] for one new token per sequence; seq_lens count the new token."""
         b = self.buffers(ids.shape[0], keep=True)
+        if self.fused_step_ok(cache, seq_lens):
+            b.res[...] = 0
+            self.embed(ids, b.delta)
+            _C.decoder_step(self._plan, b.res, b.delta, cache.k_all, cache.v_all, cache.kv_code, block_tables,
+                            seq_lens, positions, slots)
+            _C.rmsnorm(b.delta, 0, self.norm, self.cfg.rms_eps, b.res, b.h)
+            return self.lm_head(b.h, np.empty((b.M, self.vocab_size), np.float32))
         return self._run(ids, positions, lambda a, b: a.decode(b.h, b, cache, slots, block_tables, seq_lens),
                          b, None)

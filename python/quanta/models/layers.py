@@ -61,6 +61,12 @@ class Linear:
             np.add(out, self.bias, out=out)
         return out
 
+    def plan_tuple(self) -> tuple:
+        """This layer as `_C.decoder_plan` takes it."""
+        if self._q:
+            return ("q", self._tail[0], self.N, self.K, *self._tail[3:], self.bias)
+        return ("f", self.N, self.K, self._tail[0], self._tail[1], self.bias)
+
     @property
     def nbytes(self) -> int:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
