@@ -9,6 +9,7 @@ from . import cuda, formats, ops, reference
 from ._info import info, print_info
 from .formats import Format, MoEExperts, QuantizedTensor, SharedExpert, quantize
 from .kv_cache import KVCache, KVCacheFullError
+from .models import Model, load
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,4 @@ def get_num_threads() -> int:
 
 
 __all__ = ["cuda", "KVCache", "KVCacheFullError", "Format", "QuantizedTensor", "MoEExperts", "SharedExpert", "quantize", "ops", "formats", "reference", "info", "print_info",
-           "set_num_threads", "get_num_threads", "__version__"]
+           "set_num_threads", "get_num_threads", "__version__", "load", "Model"]

@@ -98,8 +98,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams, seed: Optional[int],
         stop: Sequence[str], eos_ids: Sequence[int], kv_dtype, block_size: int = 16) -> Iterator[tuple]:
-    """Yields (sequence index, text piece) as text becomes final, then (index, None, reason)
-    once per sequence when it finishes. The cache lives for this call only."""
+    """Yields (sequence index, text piece) as text becomes final, then (index, None, reason,
+    token ids) once per sequence when it finishes: reason "stop" or "length", the ids it
+    generated (a list of int). The cache lives for this call only."""
     dec, cfg = model.decoder, model.config
     tok = model.tokenizer
     if max_tokens < 0:
@@ -154,7 +155,7 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
 
     if max_tokens == 0:
         for s in seqs:
-            yield s.idx, None, "length"
+            yield s.idx, None, "length", []
         return
     # prefill: all prompts at once
     ids = np.concatenate([np.asarray(s.prompt, np.int32) for s in seqs])
@@ -171,7 +172,7 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
             if piece:
                 yield s.idx, piece
             if s.done:
-                yield s.idx, None, s.finish_reason
+                yield s.idx, None, s.finish_reason, list(s.out)
         while True:
             live = [s for s in seqs if not s.done]
             if not live:
@@ -189,7 +190,7 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
                 if piece:
                     yield s.idx, piece
                 if s.done:
-                    yield s.idx, None, s.finish_reason
+                    yield s.idx, None, s.finish_reason, list(s.out)
     finally:
         for s in seqs:
             cache.free_sequence(s.idx)

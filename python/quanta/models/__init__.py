@@ -112,11 +112,15 @@ class Model:
     def generate(self, prompt: Union[str, Sequence[int], List[str], List[Sequence[int]]], max_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
-                 stream: bool = False, kv_dtype=None, add_special_tokens: bool = True):
+                 stream: bool = False, kv_dtype=None, add_special_tokens: bool = True,
+                 return_tokens: bool = False):
         """Continues a prompt (a str or a list of token ids) or several (a list of them).
 
         Returns the generated text (a str, or a list of str for several prompts); with
         stream=True an iterator of text pieces (for several prompts, of (index, piece)).
+        return_tokens=True returns the generated token ids instead of text (a list of int,
+        or one list per prompt; the end-of-sequence token that stopped a sequence is
+        included), which also works for models without a tokenizer; not with stream=True.
         Greedy when temperature is 0 (the default); else sampling with top_k, top_p,
         min_p, repetition_penalty and `seed` for reproducibility. Stops at the tokenizer's
         end-of-sequence / end-of-turn tokens, at any of the `stop` strings (not included in
@@ -125,6 +129,8 @@ class Model:
         between tokens; the model stays usable.
         """
         from .. import generate as G
+        if return_tokens and stream:
+            raise ValueError("generate: return_tokens=True cannot be combined with stream=True")
         params = G.SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p),
                                   float(repetition_penalty))
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], (int, np.integer))) \
@@ -142,10 +148,14 @@ class Model:
         if stream:
             return _stream(it, single)
         texts = [""] * len(prompts)
+        tokens: List[List[int]] = [[] for _ in prompts]
         for ev in it:
             if len(ev) == 2:
                 texts[ev[0]] += ev[1]
-        return texts[0] if single else texts
+            else:
+                tokens[ev[0]] = ev[3]
+        out = tokens if return_tokens else texts
+        return out[0] if single else out
 
     def chat(self, messages: List[Dict[str, str]], max_tokens: int = 256, **kwargs):
         """Renders messages with the model's chat template (sandboxed) and generates the

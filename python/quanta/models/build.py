@@ -1,6 +1,7 @@
 """Assembles a Decoder from canonical tensors and a ModelConfig."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict
 
 import numpy as np
@@ -59,7 +60,8 @@ def build_decoder(cfg: ModelConfig, tensors: Dict[str, object], quant=None, prog
         attn = Attention(cfg, i, mat(p + "q"), mat(p + "k"), mat(p + "v"), mat(p + "o"),
                          vec(p + "q_bias", cfg.qkv_bias), vec(p + "k_bias", cfg.qkv_bias),
                          vec(p + "v_bias", cfg.qkv_bias),
-                         vec(p + "q_norm", cfg.qk_norm is not None), vec(p + "k_norm", cfg.qk_norm is not None))
+                         vec(p + "q_norm", cfg.qk_norm is not None), vec(p + "k_norm", cfg.qk_norm is not None),
+                         bo=vec(p + "o_bias", False))
         if cfg.moe_layers[i]:
             E = cfg.n_experts
             gates = [mat(f"{p}experts.{e}.gate") for e in range(E)]
@@ -71,7 +73,8 @@ def build_decoder(cfg: ModelConfig, tensors: Dict[str, object], quant=None, prog
             sg = vec(p + "shared_gate", False, size=D)
             mlp = MoEBlock(cfg, i, vec(p + "router").reshape(cfg.n_experts, D), gates, ups, downs, shared, sg)
         else:
-            mlp = DenseMLP(cfg, i, mat(p + "gate"), mat(p + "up"), mat(p + "down"))
+            mlp = DenseMLP(cfg, i, mat(p + "gate"), mat(p + "up"), mat(p + "down"),
+                           *(vec(p + n, False) for n in ("gate_bias", "up_bias", "down_bias")))
         blocks.append(Block(vec(p + "attn_norm", size=D), attn, vec(p + "ffn_norm", size=D), mlp))
     embed_raw = raw("embed")
     head_raw = tensors.get("lm_head")
@@ -97,4 +100,8 @@ def build_decoder(cfg: ModelConfig, tensors: Dict[str, object], quant=None, prog
     norm = vec("norm", size=D)
     if bar is not None:
         bar.close()
+    unused = sorted(set(tensors) - used)
+    if unused:  # e.g. expert weights in a layer the configuration makes dense
+        warnings.warn(f"{len(unused)} tensors of the model file are not used by the {cfg.arch} "
+                      f"configuration, e.g. {unused[:3]}")
     return Decoder(cfg, Embedding(embed), blocks, norm, Linear(head))

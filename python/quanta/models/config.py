@@ -189,7 +189,8 @@ def from_hf(cfg: dict) -> ModelConfig:
               tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
               sliding_window=None if window is None else _int(window, "sliding_window"),
               layer_windows=[None if w is None else _int(w, "sliding_window") for w in layer_windows],
-              qkv_bias=arch in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
+              qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
+              or bool(cfg.get("attention_bias", False)),
               qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(arch),
               bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
     prf = cfg.get("partial_rotary_factor")

@@ -25,7 +25,7 @@ _MLP_CHUNK = 512  # prefill rows per MLP pass: bounds the [rows, ffn] scratch
 
 class Attention:
     def __init__(self, cfg: ModelConfig, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
-                 q_norm=None, k_norm=None):
+                 q_norm=None, k_norm=None, bo=None):
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.H, self.Hkv, self.hd, self.layer = H, Hkv, hd, layer
         self.nq, self.nkv = H * hd, Hkv * hd
@@ -43,7 +43,7 @@ class Attention:
         else:
             self.qkv = None
             self.q, self.k, self.v = Linear(wq, bq), Linear(wk, bk), Linear(wv, bv)
-        self.o = Linear(wo)
+        self.o = Linear(wo, bo)
         self.qk_norm = cfg.qk_norm
         self.q_norm = None if q_norm is None else np.ascontiguousarray(q_norm, dtype=np.float32).reshape(-1)
         self.k_norm = None if k_norm is None else np.ascontiguousarray(k_norm, dtype=np.float32).reshape(-1)
@@ -122,7 +122,7 @@ class Attention:
 
 
 class DenseMLP:
-    def __init__(self, cfg: ModelConfig, layer: int, gate, up, down):
+    def __init__(self, cfg: ModelConfig, layer: int, gate, up, down, b_gate=None, b_up=None, b_down=None):
         I, D = cfg.intermediate_size, cfg.hidden_size
         for name, w, shape in (("gate", gate, (I, D)), ("up", up, (I, D)), ("down", down, (D, I))):
             if tuple(w.shape) != shape:
@@ -130,11 +130,11 @@ class DenseMLP:
                                  f"implies {shape}")
         self.I = I
         fused = fuse_rows([gate, up])
-        self.gate_up = None if fused is None else Linear(fused)
+        self.gate_up = None if fused is None else Linear(fused, fuse_bias([b_gate, b_up], [I, I]))
         self.gate = self.up = None
         if fused is None:
-            self.gate, self.up = Linear(gate), Linear(up)
-        self.down = Linear(down)
+            self.gate, self.up = Linear(gate, b_gate), Linear(up, b_up)
+        self.down = Linear(down, b_down)
 
     def linears(self):
         return [l for l in (self.gate_up, self.gate, self.up, self.down) if l is not None]

@@ -3,7 +3,8 @@ conversion of each stored tensor into what the decoder runs (kept exact by defau
 re-quantized or dequantized on request).
 
 Canonical names: embed, norm, lm_head; per layer i: i.attn_norm, i.ffn_norm, i.q, i.k, i.v,
-i.o, i.q_bias, i.k_bias, i.v_bias, i.q_norm, i.k_norm, i.gate, i.up, i.down, i.router,
+i.o, i.q_bias, i.k_bias, i.v_bias, i.o_bias, i.q_norm, i.k_norm, i.gate, i.up, i.down,
+i.gate_bias, i.up_bias, i.down_bias, i.router,
 i.experts.E.gate / .up / .down, i.shared.gate / .up / .down, i.shared_gate.
 """
 from __future__ import annotations
@@ -38,9 +39,9 @@ class GGUFBlocks(NamedTuple):
 
 _HF_LAYER = [
     (r"input_layernorm\.weight", "attn_norm"), (r"post_attention_layernorm\.weight", "ffn_norm"),
-    (r"self_attn\.([qkvo])_proj\.weight", r"\1"), (r"self_attn\.([qkv])_proj\.bias", r"\1_bias"),
+    (r"self_attn\.([qkvo])_proj\.weight", r"\1"), (r"self_attn\.([qkvo])_proj\.bias", r"\1_bias"),
     (r"self_attn\.([qk])_norm\.weight", r"\1_norm"),
-    (r"mlp\.(gate|up|down)_proj\.weight", r"\1"),
+    (r"mlp\.(gate|up|down)_proj\.weight", r"\1"), (r"mlp\.(gate|up|down)_proj\.bias", r"\1_bias"),
     (r"(?:block_sparse_moe|mlp)\.gate\.weight", "router"),
     (r"block_sparse_moe\.experts\.(\d+)\.w1\.weight", r"experts.\1.gate"),
     (r"block_sparse_moe\.experts\.(\d+)\.w3\.weight", r"experts.\1.up"),
@@ -61,12 +62,14 @@ _HF_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv|\.input_scal
 
 _GGUF_LAYER = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm", "attn_q.weight": "q",
                "attn_k.weight": "k", "attn_v.weight": "v", "attn_output.weight": "o", "attn_q.bias": "q_bias",
-               "attn_k.bias": "k_bias", "attn_v.bias": "v_bias", "attn_q_norm.weight": "q_norm",
-               "attn_k_norm.weight": "k_norm", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
-               "ffn_down.weight": "down", "ffn_gate_inp.weight": "router", "ffn_gate_exps.weight": "experts.gate",
-               "ffn_up_exps.weight": "experts.up", "ffn_down_exps.weight": "experts.down",
-               "ffn_gate_shexp.weight": "shared.gate", "ffn_up_shexp.weight": "shared.up",
-               "ffn_down_shexp.weight": "shared.down", "ffn_gate_inp_shexp.weight": "shared_gate"}
+               "attn_k.bias": "k_bias", "attn_v.bias": "v_bias", "attn_output.bias": "o_bias",
+               "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm", "ffn_gate.weight": "gate",
+               "ffn_up.weight": "up", "ffn_down.weight": "down", "ffn_gate.bias": "gate_bias",
+               "ffn_up.bias": "up_bias", "ffn_down.bias": "down_bias", "ffn_gate_inp.weight": "router",
+               "ffn_gate_exps.weight": "experts.gate", "ffn_up_exps.weight": "experts.up",
+               "ffn_down_exps.weight": "experts.down", "ffn_gate_shexp.weight": "shared.gate",
+               "ffn_up_shexp.weight": "shared.up", "ffn_down_shexp.weight": "shared.down",
+               "ffn_gate_inp_shexp.weight": "shared_gate"}
 _GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _GGUF_IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
 
