@@ -52,6 +52,7 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    routed_scaling: float = 1.0         # factor on the routed experts' weights
     shared_expert_intermediate_size: int = 0
     moe_layers: List[bool] = field(default_factory=list)               # per layer: MoE block or dense MLP
     bos_token_id: Optional[int] = None
@@ -95,6 +96,8 @@ class ModelConfig:
                 raise ConfigError(f"config: moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
             if not self.moe_layers:
                 self.moe_layers = [True] * self.n_layers
+            if not (self.routed_scaling > 0 and math.isfinite(self.routed_scaling)):
+                raise ConfigError(f"config: routed_scaling must be > 0, got {self.routed_scaling!r}")
         else:
             self.moe_layers = [False] * self.n_layers
         if len(self.moe_layers) != self.n_layers:

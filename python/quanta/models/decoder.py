@@ -199,7 +199,7 @@ class MoEBlock:
             self.experts = self.shared = None
             self.float_experts = [(Linear(g), Linear(u), Linear(d)) for g, u, d in zip(gates, ups, downs)]
             self.shared_mlp = None if shared is None else tuple(Linear(w) for w in shared)
-        self._ra = (self.top_k, 0, int(self.renorm), None, 0, 0, 1.0)
+        self._ra = (self.top_k, 0, int(self.renorm), None, 0, 0, float(cfg.routed_scaling))
 
     def linears(self):
         out = []
