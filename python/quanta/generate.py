@@ -34,20 +34,26 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
-           history: Optional[Sequence[int]] = None) -> int:
-    """One token id from float32 logits [V]: repetition penalty (on the ids in history: a
-    positive logit divided by it, a negative one multiplied), then greedy when temperature
-    is 0, else softmax(logits / temperature) cut by top_k, top_p (smallest set with that
-    mass) and min_p (probability >= min_p * the top one), renormalized, one draw."""
-    x = logits.astype(np.float64)
+def probabilities(logits: np.ndarray, p: SamplingParams, history: Optional[Sequence[int]] = None) -> np.ndarray:
+    """float64 [V]: the distribution a token is drawn from, given float logits [V].
+
+    Repetition penalty first (on the ids in history: a positive logit divided by it, a
+    negative one multiplied); then with temperature 0 all mass on the first maximum; else
+    softmax(logits / temperature) restricted to the top_k largest logits (0: all), to
+    tokens with probability >= min_p times the largest, and to the smallest set of most
+    likely tokens whose mass reaches top_p, renormalized."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1).copy()
+    if not np.isfinite(x).any():
+        raise ValueError("sampling: every logit is -inf or NaN")
     if p.repetition_penalty != 1.0 and history is not None and len(history):
         ids = np.unique(np.asarray(history, np.int64))
         ids = ids[(ids >= 0) & (ids < x.size)]
         v = x[ids]
         x[ids] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     if p.temperature == 0:
-        return int(np.argmax(x))
+        probs = np.zeros_like(x)
+        probs[int(np.argmax(x))] = 1.0
+        return probs
     x = x / p.temperature
     if 0 < p.top_k < x.size:
         kth = np.partition(x, -p.top_k)[-p.top_k]
@@ -57,14 +63,25 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
     probs /= probs.sum()
     if p.min_p > 0:
         probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
+        probs /= probs.sum()
     if p.top_p < 1:
         order = np.argsort(-probs, kind="stable")
         csum = np.cumsum(probs[order])
-        keep = order[:int(np.searchsorted(csum, p.top_p * csum[-1])) + 1]
-        mask = np.zeros_like(probs)
-        mask[keep] = 1
-        probs *= mask
-    probs /= probs.sum()
+        n = min(int(np.searchsorted(csum, p.top_p)) + 1, x.size)
+        keep = np.zeros_like(probs)
+        keep[order[:n]] = 1.0
+        probs *= keep
+    return probs / probs.sum()
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
+           history: Optional[Sequence[int]] = None) -> int:
+    """One token id drawn from `probabilities(logits, p, history)` (argmax when greedy)."""
+    if p.temperature == 0 and (p.repetition_penalty == 1.0 or not history):
+        return int(np.argmax(logits))
+    probs = probabilities(logits, p, history)
+    if p.temperature == 0:
+        return int(np.argmax(probs))
     return int(rng.choice(probs.size, p=probs))
 
 
