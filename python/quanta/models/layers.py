@@ -110,7 +110,9 @@ class Embedding:
     """Token embedding table [V, D]: a float array or a QuantizedTensor (rows dequantized
     on lookup, 16-row panel at a time, so the table stays in its compact format)."""
 
-    __slots__ = ("weight", "V", "D", "scale")
+    __slots__ = ("weight", "V", "D", "scale", "_panels")
+
+    _CACHED_PANELS = 512  # dequantized 16-row panels kept (decode looks up one token at a time)
 
     def __init__(self, weight, scale: float = 1.0):
         if not (isinstance(weight, QuantizedTensor) or (is_float_array(weight) and weight.ndim == 2)):
@@ -119,6 +121,7 @@ class Embedding:
         self.weight = weight
         self.V, self.D = (int(s) for s in weight.shape)
         self.scale = float(scale)
+        self._panels = {}
 
     def __call__(self, ids: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         ids = np.asarray(ids)
@@ -144,6 +147,15 @@ class Embedding:
         return out
 
     def _panel(self, p: int) -> np.ndarray:
+        rows = self._panels.pop(p, None)
+        if rows is None:
+            rows = self._dequantize_panel(p)
+            if len(self._panels) >= self._CACHED_PANELS:
+                del self._panels[next(iter(self._panels))]  # least recently used
+        self._panels[p] = rows
+        return rows
+
+    def _dequantize_panel(self, p: int) -> np.ndarray:
         w = self.weight
         n = min(PANEL, self.V - p * PANEL)
         sub = QuantizedTensor(w.format, (n, self.D), *(None if a is None else a[p:p + 1] for a in w.arrays))
