@@ -189,7 +189,11 @@ def read_source(path: Optional[str] = None):
         from ..io.hf import open_hf_folder
         folder = open_hf_folder(src)
         cfg = from_hf(folder.config)
-        tensors = canonical_hf(folder.tensors)
+        qc = folder.config.get("quantization_config") or {}
+        block = qc.get("weight_block_size") or (128, 128)
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError(f"config.json: quantization_config.weight_block_size must be two positive ints, got {block!r}")
+        tensors = canonical_hf(folder.tensors, tuple(block))
         if folder.tokenizer_json is not None:
             from ..tokenizer import Tokenizer
             tok = Tokenizer.from_hf(folder.tokenizer_json, folder.tokenizer_config, folder.generation_config)

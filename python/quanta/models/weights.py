@@ -35,6 +35,43 @@ class GGUFBlocks(NamedTuple):
         return len(self.shape)
 
 
+class FP8Blocks(NamedTuple):
+    """An FP8 checkpoint weight: float8 data [N, K] and float32 scale_inv [ceil(N / bn),
+    ceil(K / bk)] (W = data * scale_inv of its block), block (bn, bk); a weight without a
+    scale has scale_inv [[1]] and block (N, K)."""
+    data: np.ndarray
+    scale_inv: np.ndarray
+    block: tuple
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def row_scales(self) -> np.ndarray:
+        """float32 [N, ceil(K / bk)]: each row's scale per block of bk inputs."""
+        bn = self.block[0]
+        return np.repeat(np.asarray(self.scale_inv, np.float32), bn, axis=0)[:self.data.shape[0]]
+
+    def dequantize(self) -> np.ndarray:
+        bk = self.block[1]
+        s = np.repeat(self.row_scales(), bk, axis=1)[:, :self.data.shape[1]]
+        return self.data.astype(np.float32) * s
+
+
+def _fp8_blocks(name, w, scale_inv, block):
+    if w.ndim != 2:
+        raise ValueError(f"{name}: an FP8 weight must be 2-D, got shape {w.shape}")
+    N, K = w.shape
+    if scale_inv is None:
+        return FP8Blocks(w, np.ones((1, 1), np.float32), (N, K))
+    bn, bk = block
+    want = (-(-N // bn), -(-K // bk))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, blocks of {block} over "
+                         f"{(N, K)} need {want}")
+    return FP8Blocks(w, np.asarray(scale_inv, np.float32), (bn, bk))
+
+
 # ---- Hugging Face names ----------------------------------------------------------------------
 
 _HF_LAYER = [
@@ -74,9 +111,14 @@ _GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "norm", "out
 _GGUF_IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
 
 
-def canonical_hf(tensors: Dict[str, np.ndarray]) -> Dict[str, object]:
+def canonical_hf(tensors: Dict[str, np.ndarray], fp8_block=(128, 128)) -> Dict[str, object]:
+    """HF tensor names -> canonical ones. FP8 weights (float8_e4m3fn / e5m2) are paired with
+    their `weight_scale_inv` block scales (block size fp8_block, from the config's
+    quantization_config.weight_block_size)."""
     out, unknown = {}, []
     for name, arr in tensors.items():
+        if arr.dtype.name.startswith("float8") and name.endswith(".weight"):
+            arr = _fp8_blocks(name, arr, tensors.get(name[:-len("weight")] + "weight_scale_inv"), fp8_block)
         c = _HF_GLOBAL.get(name)
         if c is None:
             m = _HF_LAYER_PREFIX.match(name)
@@ -188,6 +230,8 @@ def quant_rule(quant: QuantSpec) -> Callable[[str], object]:
 
 
 def dequantize_any(w) -> np.ndarray:
+    if isinstance(w, FP8Blocks):
+        return w.dequantize()
     if isinstance(w, GGUFBlocks):
         qt = _exact_gguf(w)
         if qt is not None:
@@ -213,6 +257,8 @@ def prepare_matrix(name: str, w, target, fallback: str = "q8_0"):
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     if isinstance(w, QuantizedTensor) and (target is None or target == w.format):
         return w  # already in the wanted format (a quanta file): the same bytes, no copy
+    if target is None and isinstance(w, FP8Blocks):
+        return _fp8_exact(name, w)
     if target is None:
         if isinstance(w, GGUFBlocks):
             qt = _exact_gguf(w)
@@ -246,8 +292,34 @@ def prepare_matrix(name: str, w, target, fallback: str = "q8_0"):
     return formats.quantize(dequantize_any(w), fmt)
 
 
+def _fp8_exact(name: str, w: FP8Blocks):
+    """An FP8 checkpoint weight as quanta's fp8 format with one fp32 scale per row and block
+    of inputs: the same codes and scales, so the values are exactly the checkpoint's."""
+    N, K = w.shape
+    kind = "fp8_e4m3" if w.data.dtype.name == "float8_e4m3fn" else "fp8_e5m2" if \
+        w.data.dtype.name == "float8_e5m2" else None
+    if kind is None:
+        raise ValueError(f"{name}: unsupported FP8 dtype {w.data.dtype}")
+    bk = w.block[1]
+    group = None if bk >= K else bk
+    fmt = formats.make(8, group, "lut", scale="fp32", lut=kind, name=None)
+    try:
+        fmt.check_k(K)
+    except ValueError:
+        warnings.warn(f"{name}: FP8 blocks of {bk} inputs do not fit quanta's layout for K={K}; "
+                      f"dequantized to float32")
+        return np.ascontiguousarray(w.dequantize())
+    codes = np.ascontiguousarray(np.asarray(w.data).view(np.uint8))
+    from .. import _C
+    from ..formats import _to_panels
+    scales = w.row_scales()
+    if group is None:
+        scales = scales[:, :1]
+    return QuantizedTensor(fmt, (N, K), codes=_C.pack_codes(codes, 8), scales=_to_panels(scales, np.float32))
+
+
 def prepare_vector(name: str, w) -> np.ndarray:
-    if isinstance(w, GGUFBlocks):
+    if isinstance(w, (GGUFBlocks, FP8Blocks)):
         return dequantize_any(w).reshape(-1)
     a = np.asarray(w)
     if not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
