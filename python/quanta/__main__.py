@@ -175,104 +175,12 @@ def _quantize(args) -> int:
 
 # ---- bench ----------------------------------------------------------------------------------
 
-def _weights(model):
-    """(weight count, {format: bytes}) of the tensors the decoder reads."""
-    d = model.decoder
-    seen, n, by_fmt = set(), 0, {}
-
-    def add(fmt, nbytes):
-        by_fmt[fmt] = by_fmt.get(fmt, 0) + int(nbytes)
-
-    for lin in d.linears():
-        if id(lin.weight) in seen:
-            continue
-        seen.add(id(lin.weight))
-        n += lin.N * lin.K + (0 if lin.bias is None else lin.bias.size)
-        add(lin.format, lin.weight.nbytes)
-    if id(d.embed.weight) not in seen:
-        n += d.embed.V * d.embed.D
-        e = d.embed.weight
-        add(str(getattr(e, "format", None) or e.dtype), e.nbytes)
-    n += d.norm.size
-    for b in d.blocks:
-        n += b.attn_norm.size + b.ffn_norm.size
-        n += sum(v.size for v in (b.attn.q_norm, b.attn.k_norm) if v is not None)
-        mlp = b.mlp
-        if getattr(mlp, "router_t", None) is not None:
-            n += mlp.router_t.size
-        experts = getattr(mlp, "experts", None)
-        if experts is not None:
-            n += experts.E * 3 * experts.ffn * experts.d
-            for f in experts.formats:
-                add(str(f), experts.nbytes / 3)
-        shared = getattr(mlp, "shared", None)
-        if shared is not None:
-            n += 3 * shared.ffn * shared.d
-            for f in shared.formats:
-                add(str(f), shared.nbytes / 3)
-    return n, by_fmt
-
-
-def _human_count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return str(n)
-
-
-def _human_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def _prefill_rate(model, ids):
-    """Tokens per second of one prefill of `ids` that also fills a fresh KV cache."""
-    import numpy as np
-
-    from .kv_cache import KVCache
-    cfg, dec = model.config, model.decoder
-    T = ids.size
-    cache = KVCache(cfg.n_layers, -(-T // 16), 16, cfg.n_kv_heads, cfg.head_dim, model.kv_dtype)
-    cache.add_sequence(0)
-    slots = cache.reserve(0, T)
-    pos = np.arange(T, dtype=np.int32)
-    cu = np.array([0, T], np.int32)
-    rows = np.array([T - 1], np.int32)
-    t0 = time.perf_counter()
-    dec.prefill(ids, pos, cu, cache, slots, logit_rows=rows)
-    return T / (time.perf_counter() - t0)
-
-
-def _decode_rate(model, prompt, n):
-    """Tokens per second of n greedy decode steps after `prompt` (the prefill is not timed)."""
-    import numpy as np
-
-    from .kv_cache import KVCache
-    cfg, dec = model.config, model.decoder
-    P = prompt.size
-    cache = KVCache(cfg.n_layers, -(-(P + n) // 16), 16, cfg.n_kv_heads, cfg.head_dim, model.kv_dtype)
-    cache.add_sequence(0)
-    slots = cache.reserve(0, P)
-    logits = dec.prefill(prompt, np.arange(P, dtype=np.int32), np.array([0, P], np.int32), cache, slots,
-                         logit_rows=np.array([P - 1], np.int32))
-    tok = int(np.argmax(logits[0]))
-    t0 = time.perf_counter()
-    for i in range(n):
-        pos = P + i
-        slots = cache.reserve(0, 1)
-        tables = cache.block_tables([0])
-        logits = dec.decode(np.array([tok], np.int32), np.array([pos], np.int32), cache, slots, tables,
-                            np.array([pos + 1], np.int32))
-        tok = int(np.argmax(logits[0]))
-    return n / (time.perf_counter() - t0)
-
-
 def _bench(args) -> int:
     import numpy as np
 
     import quanta
+
+    from .bench import decode_rate, human_bytes, human_count, prefill_rate, weights
     quant = parse_quant(args.quant)
     _set_threads(args.threads)
     for flag, v in (("-p", args.p), ("-n", args.n)):
@@ -293,14 +201,14 @@ def _bench(args) -> int:
     tests = []
     if args.p:
         ids = rng.integers(0, V, args.p).astype(np.int32)
-        tests.append((f"pp{args.p}", lambda: _prefill_rate(model, ids)))
+        tests.append((f"pp{args.p}", lambda: prefill_rate(model, ids)))
     if args.n:
         prompt = rng.integers(0, V, short).astype(np.int32)
-        tests.append((f"tg{args.n}", lambda: _decode_rate(model, prompt, args.n)))
+        tests.append((f"tg{args.n}", lambda: decode_rate(model, prompt, args.n)))
 
-    params, by_fmt = _weights(model)
+    params, by_fmt = weights(model)
     fmts = [f for f, _ in sorted(by_fmt.items(), key=lambda kv: -kv[1])]
-    size_label = _human_count(params).replace(" ", "")
+    size_label = human_count(params).replace(" ", "")
     label = f"{cfg.arch}{' MoE' if cfg.is_moe else ''} {size_label} {'+'.join(fmts[:2])}"
     backend = f"CPU {quanta.info()['isa']}"
     threads = quanta.get_num_threads()
@@ -311,7 +219,7 @@ def _bench(args) -> int:
         fn()  # warm-up, not counted
         rates = np.array([fn() for _ in range(args.repetitions)])
         std = float(rates.std(ddof=1)) if rates.size > 1 else 0.0
-        rows.append([label, _human_bytes(model.nbytes), _human_count(params), backend, str(threads), test,
+        rows.append([label, human_bytes(model.nbytes), human_count(params), backend, str(threads), test,
                      f"{rates.mean():.2f} ± {std:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
