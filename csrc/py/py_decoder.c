@@ -158,6 +158,8 @@ PyObject *qn_py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize_t n
     (void)self;
     const char *op = "decoder_step";
     if (qn_py_check_nargs(op, nargs, 10)) return NULL;
+    if (!PyCapsule_IsValid(args[0], CAPSULE))
+        return PyErr_Format(PyExc_TypeError, "%s: plan must be what decoder_plan returned", op);
     plan *p = PyCapsule_GetPointer(args[0], CAPSULE);
     if (!p) return NULL;
     const qn_decoder_dims *d = &p->dims;
