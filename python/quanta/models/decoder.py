@@ -11,6 +11,7 @@ output to ``delta``; the next norm adds it into ``res`` and normalizes.
 """
 from __future__ import annotations
 
+import threading
 from typing import List, Optional
 
 import numpy as np
@@ -309,7 +310,7 @@ class Decoder:
         self._mlp_sizes = sorted({b.mlp.I for b in blocks if isinstance(b.mlp, DenseMLP)})
         if len(self._mlp_sizes) > 1:
             raise ValueError(f"dense MLP layers of different widths {self._mlp_sizes} are not supported")
-        self._decode_bufs = {}
+        self._local = threading.local()  # decode scratch per thread: one model serves many threads
         self._plan = self._make_plan()
 
     def _make_plan(self):
@@ -341,11 +342,14 @@ class Decoder:
         return out
 
     def buffers(self, M: int, keep: bool) -> Buffers:
-        b = self._decode_bufs.get(M) if keep else None
+        if not keep:
+            return Buffers(self.cfg, M, self._fused_qkv, self._mlp_sizes)
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        b = bufs.get(M)
         if b is None:
-            b = Buffers(self.cfg, M, self._fused_qkv, self._mlp_sizes)
-            if keep:
-                self._decode_bufs[M] = b
+            b = bufs[M] = Buffers(self.cfg, M, self._fused_qkv, self._mlp_sizes)
         return b
 
     def _run(self, ids, positions, step, b: Buffers, logit_rows):

@@ -151,7 +151,7 @@ class Embedding:
         if rows is None:
             rows = self._dequantize_panel(p)
             if len(self._panels) >= self._CACHED_PANELS:
-                del self._panels[next(iter(self._panels))]  # least recently used
+                self._panels.pop(next(iter(self._panels), None), None)  # least recently used
         self._panels[p] = rows
         return rows
 
