@@ -14,6 +14,7 @@ static qn_dispatch table_for(int isa) {
     d.mm_gemm = QN_PICK(isa, qn_matmul_gemm);
     d.mm_cvt = QN_PICK(isa, qn_matmul_cvt);
     d.attn_tile = QN_PICK(isa, qn_attn_tile);
+    d.silu_mul = QN_PICK(isa, qn_silu_mul);
     return d;
 }
 

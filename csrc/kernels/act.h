@@ -13,8 +13,13 @@
 extern "C" {
 #endif
 
-/* out[n] = silu(gate[n]) * up[n]; out may alias gate or up. */
+/* out[n] = silu(gate[n]) * up[n]; out may alias gate or up (exactly, not shifted).
+ * Dispatched to the _ref / _avx2 / _avx512 twins, which give identical bits. */
 void qn_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+void qn_silu_mul_ref(float *out, const float *gate, const float *up, int64_t n);
+void qn_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
+void qn_silu_mul_avx512(float *out, const float *gate, const float *up, int64_t n);
+typedef void (*qn_silu_mul_fn)(float *out, const float *gate, const float *up, int64_t n);
 
 /* Rows of out[M, N] (stride ldo) = silu(gate[M, N] (stride ldg)) * up[M, N] (stride ldu),
  * rows split over OpenMP threads. */

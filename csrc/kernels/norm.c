@@ -23,7 +23,8 @@ qn_status qn_rmsnorm(float *QN_RESTRICT y, float *res, const void *x, int xdtype
         return qn_set_error(QN_EINVAL, "rmsnorm: bad arguments M=%lld N=%lld dtype=%d eps=%g", (long long)M,
                             (long long)N, xdtype, (double)eps);
     const int xs = xdtype == 0 ? 4 : 2;
-#pragma omp parallel for schedule(static)
+    /* a decode step's few rows are cheaper than waking the other threads */
+#pragma omp parallel for schedule(static) if (M > 1 && M * N >= 16384)
     for (int64_t m = 0; m < M; m++) {
         const void *xr = (const char *)x + m * N * xs;
         float *yr = y + m * N;
@@ -52,7 +53,7 @@ qn_status qn_add(float *y, const void *a, int adtype, const void *b, int bdtype,
     if (n < 0 || adtype < 0 || adtype > 2 || bdtype < 0 || bdtype > 2)
         return qn_set_error(QN_EINVAL, "add: bad arguments n=%lld dtypes %d, %d", (long long)n, adtype, bdtype);
     const int64_t chunk = 1 << 14;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > chunk)
     for (int64_t c = 0; c < n; c += chunk) {
         int64_t e = qn_min64(n, c + chunk);
         if (adtype == 0 && bdtype == 0) {
