@@ -280,6 +280,26 @@ def test_paged_vs_reference_and_prefill(rng, isa, dtype):
         assert_close(o[b], ref, "paged_vs_prefill", f"{dtype} seq {b} (len {n}) {isa}")
 
 
+@pytest.mark.parametrize("window", [0, 3, 255, 256, 600, 5000])
+def test_paged_sliding_window(rng, isa, window):
+    """The query (the newest position) sees the last window + 1 keys: equal to the reference
+    and to prefill attention with the same window over the gathered keys."""
+    lens = [1, 5, 300, 1100]
+    c = filled_cache(rng, "float16", lens)
+    ids = list(range(len(lens)))
+    bt, sl = c.block_tables(ids), c.seq_lens(ids, 1)
+    q = rng.standard_normal((len(lens), 8, 64)).astype(np.float32)
+    o = quanta.ops.paged_attention(q, c, 1, bt, sl, window=window)
+    assert_close(o, quanta.ops.paged_attention(q, c, 1, bt, sl, window=window, backend="reference"), "attention",
+                 f"window {window} {isa}")
+    for b in ids:
+        k, v = gathered(c, 1, b)
+        ref = quanta.ops.attention(q[b][None], k, v, causal=True, window=window)[0]
+        assert_close(o[b], ref, "paged_vs_prefill", f"window {window} seq {b} {isa}")
+    with pytest.raises(ValueError, match="window"):
+        quanta.ops.paged_attention(q, c, 1, bt, sl, window=-1)
+
+
 @pytest.mark.parametrize("H,Hkv,D", [(4, 4, 64), (8, 2, 128), (16, 2, 80), (8, 1, 96), (4, 1, 72), (6, 3, 33),
                                      (4, 2, 256)])
 def test_paged_gqa_and_head_dims(rng, isa, H, Hkv, D):

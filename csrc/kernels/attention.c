@@ -288,7 +288,7 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
             for (int64_t r = 0; r < nh * R; r++) { /* heads h0 .. h0 + nh * R are contiguous */
                 const char *qr = (const char *)p->q + ((b * H) + h0 + r) * D * qsz;
                 for (int64_t d = 0; d < D; d++) Qf[r * Dp + d] = load_el(qr, p->qdtype, d) * p->scale;
-                lo[r] = 0;
+                lo[r] = p->window >= 0 ? qn_max64(0, len - 1 - p->window) : 0;
                 hi[r] = len;
             }
             qn_attn_tile t;

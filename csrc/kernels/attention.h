@@ -90,6 +90,8 @@ typedef struct qn_paged_params {
     const int32_t *seq_lens;   /* [B] keys of each sequence */
     int64_t B, H, Hkv, D, n_blocks, bs, max_blocks;
     float scale, softcap;
+    int64_t window;            /* >= 0: the query (position seq_len - 1) sees keys j >= seq_len - 1 - window;
+                                  < 0: all keys */
 } qn_paged_params;
 
 int64_t qn_paged_attention_workspace_size(const qn_paged_params *p, int nthreads);

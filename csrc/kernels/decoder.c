@@ -112,7 +112,8 @@ qn_status qn_decoder_step(const qn_dense_layer *layers, const qn_decoder_dims *d
             kv_store(vc + io->slots[b] * nkv * isz, v + b * nkv, io->kvdtype, nkv);
         }
         qn_paged_params pp = {attn, qr, kc, vc, NULL, NULL, 0, io->kvdtype, io->tables, io->seq_lens,
-                              B, H, Hkv, hd, io->n_blocks, io->bs, io->max_blocks, d->attn_scale, 0.0f};
+                              B, H, Hkv, hd, io->n_blocks, io->bs, io->max_blocks, d->attn_scale, 0.0f,
+                              ly->window};
         if ((st = qn_paged_attention(&pp, ws, wsb))) return st;
         if ((st = linear(&ly->o, attn, B, io->delta, ws, wsb))) return st;
         /* MLP block */

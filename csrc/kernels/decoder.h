@@ -31,6 +31,7 @@ typedef struct qn_dense_layer {
     qn_linear down;                     /* [D, I] */
     const float *q_norm, *k_norm;       /* qk_norm 1: [hd] each; 2: [H hd] / [Hkv hd]; else NULL */
     int qk_norm;
+    int64_t window;                     /* sliding window (keys j >= pos - window), < 0: none */
 } qn_dense_layer;
 
 typedef struct qn_decoder_dims {

@@ -94,7 +94,7 @@ static PyMethodDef methods[] = {
      "attention(q, k, v, dtype, causal, window, softcap, scale, cu_q, cu_k, out) -> out[T, H, D]"},
     {"paged_attention", (PyCFunction)(void (*)(void))qn_py_paged_attention, METH_FASTCALL,
      "paged_attention(q, k_cache, v_cache, k_scale, v_scale, qdtype, kvdtype, block_tables, seq_lens, scale, "
-     "softcap, out) -> out[B, H, D]"},
+     "softcap, out, window) -> out[B, H, D]"},
     {"rmsnorm", (PyCFunction)(void (*)(void))qn_py_rmsnorm, METH_FASTCALL,
      "rmsnorm(x[M, N], xdtype, w[N], eps, residual, out) -> out[M, N]"},
     {"add", (PyCFunction)(void (*)(void))qn_py_add, METH_FASTCALL, "add(a[n], adtype, b[n], bdtype, out) -> out[n]"},

@@ -97,8 +97,9 @@ PyObject *qn_py_attention(PyObject *self, PyObject *const *args, Py_ssize_t narg
 PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "paged_attention";
-    if (qn_py_check_nargs(op, nargs, 12)) return NULL;
-    int64_t qdt, kvdt;
+    if (qn_py_check_nargs(op, nargs, 13)) return NULL;
+    int64_t qdt, kvdt, window;
+    if (qn_py_get_i64(args[12], op, "window", &window)) return NULL;
     float scale, softcap;
     if (qn_py_get_i64(args[5], op, "qdtype", &qdt) || qn_py_get_i64(args[6], op, "kvdtype", &kvdt) ||
         qn_py_get_f32(args[9], op, "scale", &scale) || qn_py_get_f32(args[10], op, "softcap", &softcap))
@@ -148,7 +149,7 @@ PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_
     }
     qn_paged_params p = {PyArray_DATA(out), PyArray_DATA(q), PyArray_DATA(kc), PyArray_DATA(vc), ksc, vsc,
                          (int)qdt, (int)kvdt, PyArray_DATA(tab), PyArray_DATA(lens),
-                         B, H, Hkv, D, nb, bs, PyArray_DIM(tab, 1), scale, softcap};
+                         B, H, Hkv, D, nb, bs, PyArray_DIM(tab, 1), scale, softcap, window};
     qn_py_apply_threads();
     int64_t wsb = qn_paged_attention_workspace_size(&p, qn_py_nthreads_now());
     void *ws = qn_py_workspace(wsb);

@@ -78,7 +78,8 @@ static int get_linear(PyObject *t, const char *name, int64_t N, int64_t K, qn_li
     return 0;
 }
 
-/* decoder_plan(layers: tuple of (attn_norm, ffn_norm, qkv, o, gate_up, down, q_norm, k_norm, qk_norm),
+/* decoder_plan(layers: tuple of (attn_norm, ffn_norm, qkv, o, gate_up, down, q_norm, k_norm, qk_norm,
+ *                                window (-1: none)),
  *              dims: (D, H, Hkv, hd, I, eps, attn_scale, inv_freq, mscale, neox)) -> capsule */
 PyObject *qn_py_decoder_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -115,10 +116,11 @@ PyObject *qn_py_decoder_plan(PyObject *self, PyObject *const *args, Py_ssize_t n
     for (int64_t l = 0; l < d.L; l++) {
         PyObject *t = PyTuple_GET_ITEM(layers, l);
         qn_dense_layer *y = &ls[l];
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 9) {
-            PyErr_Format(PyExc_TypeError, "%s: layer %lld must be a 9-tuple", op, (long long)l);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10) {
+            PyErr_Format(PyExc_TypeError, "%s: layer %lld must be a 10-tuple", op, (long long)l);
             goto fail;
         }
+        if (qn_py_get_i64(PyTuple_GET_ITEM(t, 9), op, "window", &y->window)) goto fail;
         long mode = PyLong_AsLong(PyTuple_GET_ITEM(t, 8));
         if (mode < 0 || mode > 2) {
             if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: qk_norm mode %ld", op, mode);

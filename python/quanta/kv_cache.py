@@ -177,18 +177,6 @@ class KVCache:
             self._write(self.v[layer], self.v_scale[layer], blk, row, np.asarray(v[start:end], np.float32))
             start = end
 
-    def gather(self, layer: int, slots: np.ndarray):
-        """float32 (k, v) [n, Hkv, D] stored at `slots` of layer `layer` (dequantized)."""
-        flat = (self.n_blocks * self.block_size, self.n_kv_heads, self.head_dim)
-        blocks = slots // self.block_size
-        out = []
-        for store, scale in ((self.k[layer], self.k_scale[layer]), (self.v[layer], self.v_scale[layer])):
-            x = store.reshape(flat)[slots].astype(np.float32)
-            if self.quantized:
-                x *= scale[blocks][:, :, None]
-            out.append(np.ascontiguousarray(x))
-        return out[0], out[1]
-
     def _write(self, store: np.ndarray, scale, blk: int, row: int, x: np.ndarray) -> None:
         """Rows row .. row + len(x) of block blk from float32 x [m, Hkv, D]."""
         m = x.shape[0]

@@ -147,7 +147,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True, 
 
 def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, seq_lens: np.ndarray,
                     out: Optional[np.ndarray] = None, scale: Optional[float] = None,
-                    softcap: Optional[float] = None, backend: str = "auto") -> np.ndarray:
+                    softcap: Optional[float] = None, window: Optional[int] = None,
+                    backend: str = "auto") -> np.ndarray:
     """Decode attention over a paged KV cache: o[B, H, D], float32.
 
     q: [B, H, D] float32, float16 or bfloat16, one query token per sequence; H must be a
@@ -162,6 +163,8 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
     seq_lens: int32 [B] in [0, max_blocks * block_size]; a sequence with 0 keys gives zeros.
     int8 / fp8 caches are dequantized on the fly (code * per-block, per-head scale).
     scale: default 1 / sqrt(D); softcap as in `attention`; out: optional float32 [B, H, D].
+    window=w (>= 0): sliding window as in `attention` — the query, at position
+    seq_lens[b] - 1, sees only keys j >= seq_lens[b] - 1 - w.
     Flash-decoding: each sequence's keys are split in chunks of 256 processed in parallel
     (so one long sequence uses every core), then the partial softmaxes are merged in chunk
     order; results do not depend on the thread count.
@@ -175,6 +178,8 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
         raise ValueError(f"{op}: layer must be in [0, {cache.n_layers}), got {layer!r}")
     if softcap is not None and not (float(softcap) > 0):
         raise ValueError(f"{op}: softcap must be None or > 0, got {softcap!r}")
+    if window is not None and (not isinstance(window, (int, np.integer)) or window < 0):
+        raise ValueError(f"{op}: window must be None or an int >= 0, got {window!r}")
     D = cache.head_dim
     if q.ndim != 3 or q.shape[2] != D:
         raise ValueError(f"{op}: q must have shape (B, H, {D}) (the cache's head_dim), got {q.dtype} with shape {q.shape}")
@@ -182,7 +187,7 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
         scale = 1.0 / float(np.sqrt(D))
     if backend == "reference":
         k, v = cache.dequantized(layer)
-        o = reference.paged_attention(q, k, v, block_tables, seq_lens, scale, softcap).astype(np.float32)
+        o = reference.paged_attention(q, k, v, block_tables, seq_lens, scale, softcap, window).astype(np.float32)
         if out is not None:
             out[...] = o
             return out
@@ -191,7 +196,7 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
         raise ValueError(f"{op}: backend must be 'auto' or 'reference', got {backend!r}")
     k, v, ks, vs = cache.kernel_arrays(layer)
     return _C.paged_attention(q, k, v, ks, vs, qdt, cache.kv_code, block_tables, seq_lens, float(scale),
-                              0.0 if softcap is None else float(softcap), out)
+                              0.0 if softcap is None else float(softcap), out, -1 if window is None else int(window))
 
 
 # ---- elementwise layer kernels: RMSNorm, residual add, SiLU-gated product, RoPE ----

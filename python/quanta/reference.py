@@ -173,10 +173,11 @@ def attention(q, k, v, causal=True, window=None, softcap=None, scale=None, cu_se
     return o
 
 
-def paged_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale=None, softcap=None) -> np.ndarray:
+def paged_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale=None, softcap=None,
+                    window=None) -> np.ndarray:
     """float64 decode attention o[B, H, D]: q[B, H, D] against the first seq_lens[b] keys of the
     blocks block_tables[b] of k_blocks, v_blocks[n_blocks, block_size, Hkv, D] (already
-    dequantized)."""
+    dequantized); with window w only keys j >= seq_lens[b] - 1 - w."""
     q = np.asarray(q).astype(np.float64)
     B, H, D = q.shape
     bs = k_blocks.shape[1]
@@ -187,7 +188,10 @@ def paged_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale=None, s
         ids = np.asarray(block_tables[b][: -(-n // bs)], np.int64)
         k = np.asarray(k_blocks, np.float64)[ids].reshape(-1, *k_blocks.shape[2:])[:n]
         v = np.asarray(v_blocks, np.float64)[ids].reshape(-1, *v_blocks.shape[2:])[:n]
-        o[b] = _attend(q[b][None], k, v, np.ones((1, n), bool), scale, softcap)[0]
+        mask = np.ones((1, n), bool)
+        if window is not None:
+            mask[0, :max(0, n - 1 - int(window))] = False
+        o[b] = _attend(q[b][None], k, v, mask, scale, softcap)[0]
     return o
 
 

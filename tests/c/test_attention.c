@@ -125,7 +125,7 @@ static void test_paged(int kvdt, int64_t B, int64_t H, int64_t Hkv, int64_t D, i
         for (int64_t i = 0; i < maxb; i++) tab[b * maxb + i] = i < qn_ceil_div(lens[b], bs) ? (int32_t)next-- : -7;
     float *q = make_input(QN_A_F32, B * H * D);
     qn_paged_params p = {NULL, q, kc, vc, ks, vs, QN_A_F32, kvdt, tab, lens, B, H, Hkv, D, nb, bs, maxb,
-                         1.0f / sqrtf((float)D), 0.0f};
+                         1.0f / sqrtf((float)D), 0.0f, -1};
     float *ref = NULL;
     for (int isa = QN_ISA_REF; isa <= qn_cpu_best_isa(); isa++) {
         qn_dispatch_set_isa(isa);
@@ -189,7 +189,7 @@ static void test_errors(void) {
     p.cu_k = NULL;
     CHECK(qn_attention(&p, ws, sizeof ws) == QN_EINVAL, "cu_q without cu_k accepted");
     int32_t tab[2] = {0, 5}, lens[1] = {3};
-    qn_paged_params pp = {o, q, k, v, NULL, NULL, QN_A_F32, QN_A_F32, tab, lens, 1, 2, 2, 4, 2, 2, 2, 1.0f, 0.0f};
+    qn_paged_params pp = {o, q, k, v, NULL, NULL, QN_A_F32, QN_A_F32, tab, lens, 1, 2, 2, 4, 2, 2, 2, 1.0f, 0.0f, -1};
     CHECK(qn_paged_attention(&pp, ws, sizeof ws) == QN_EINVAL && strstr(qn_last_error(), "block_tables[0, 1]"),
           "out-of-range block accepted");
     lens[0] = 5;

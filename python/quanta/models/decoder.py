@@ -102,24 +102,10 @@ class Attention:
     def decode(self, h, b, cache, slots, block_tables, seq_lens):
         q, k, v = self.project(h, b)
         cache.write(self.layer, slots, k, v)
-        if self.window is not None and int(seq_lens.max()) > self.window:
-            self._windowed(q, cache, block_tables, seq_lens, b.attn)
-        else:
-            kc, vc, ks, vs = cache.kernel_arrays(self.layer)
-            _C.paged_attention(q, kc, vc, ks, vs, 0, cache.kv_code, block_tables, seq_lens, self.scale, 0.0,
-                               b.attn)
+        kc, vc, ks, vs = cache.kernel_arrays(self.layer)
+        _C.paged_attention(q, kc, vc, ks, vs, 0, cache.kv_code, block_tables, seq_lens, self.scale, 0.0, b.attn,
+                           -1 if self.window is None else self.window - 1)
         self.o(b.attn.reshape(h.shape[0], -1), b.delta)
-
-    def _windowed(self, q, cache, block_tables, seq_lens, out):
-        """Decode for sequences longer than the sliding window: the last `window` keys of
-        each, gathered from the cache, through the flash kernel."""
-        bs = cache.block_size
-        for i in range(q.shape[0]):
-            n = int(seq_lens[i])
-            pos = np.arange(max(0, n - self.window), n)
-            slots = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
-            k, v = cache.gather(self.layer, slots)
-            _C.attention(q[i:i + 1], k, v, 0, 1, -1, 0.0, self.scale, None, None, out[i:i + 1])
 
 
 class DenseMLP:
@@ -322,17 +308,15 @@ class Decoder:
         mode = {None: 0, "head": 1, "full": 2}
         layers = tuple((b.attn_norm, b.ffn_norm, b.attn.qkv.plan_tuple(), b.attn.o.plan_tuple(),
                         b.mlp.gate_up.plan_tuple(), b.mlp.down.plan_tuple(), b.attn.q_norm, b.attn.k_norm,
-                        mode[b.attn.qk_norm]) for b in self.blocks)
+                        mode[b.attn.qk_norm], -1 if b.attn.window is None else b.attn.window - 1)
+                       for b in self.blocks)
         a, c = self.blocks[0].attn, self.cfg
         dims = (c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, self._mlp_sizes[0], c.rms_eps, a.scale,
                 a.inv_freq, a.mscale, a.neox)
         return _C.decoder_plan(layers, dims)
 
-    def fused_step_ok(self, cache, seq_lens) -> bool:
-        if self._plan is None or cache.kv_code > 2:
-            return False
-        w = [x for x in self.cfg.layer_windows if x is not None]
-        return not w or int(seq_lens.max()) <= min(w)
+    def fused_step_ok(self, cache) -> bool:
+        return self._plan is not None and cache.kv_code <= 2
 
     def linears(self) -> List[Linear]:
         out = [self.lm_head]
@@ -377,7 +361,7 @@ class Decoder:
     def decode(self, ids: np.ndarray, positions: np.ndarray, cache, slots, block_tables, seq_lens) -> np.ndarray:
         """Logits [B, V] for one new token per sequence; seq_lens count the new token."""
         b = self.buffers(ids.shape[0], keep=True)
-        if self.fused_step_ok(cache, seq_lens):
+        if self.fused_step_ok(cache):
             b.res[...] = 0
             self.embed(ids, b.delta)
             _C.decoder_step(self._plan, b.res, b.delta, cache.k_all, cache.v_all, cache.kv_code, block_tables,
