@@ -5,7 +5,7 @@
     y = quanta.ops.qmatmul(np.random.randn(1, 4096).astype(np.float32), w)
 """
 from . import _C
-from . import cuda, formats, ops, reference
+from . import cuda, formats, io, ops, reference
 from ._info import info, print_info
 from .formats import Format, MoEExperts, QuantizedTensor, SharedExpert, quantize
 from .kv_cache import KVCache, KVCacheFullError
@@ -23,5 +23,6 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
-__all__ = ["cuda", "KVCache", "KVCacheFullError", "Format", "QuantizedTensor", "MoEExperts", "SharedExpert", "quantize", "ops", "formats", "reference", "info", "print_info",
-           "set_num_threads", "get_num_threads", "__version__", "load", "Model"]
+__all__ = ["cuda", "io", "KVCache", "KVCacheFullError", "Format", "QuantizedTensor", "MoEExperts", "SharedExpert",
+           "quantize", "ops", "formats", "reference", "info", "print_info", "set_num_threads", "get_num_threads",
+           "__version__", "load", "Model"]
