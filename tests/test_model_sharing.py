@@ -65,3 +65,23 @@ def test_model_without_a_path_does_not_pickle(model):
     m = Model(model.decoder, model.config, model.tokenizer, None)
     with pytest.raises(TypeError, match="path"):
         pickle.dumps(m)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_repeated_load_and_release_does_not_grow(model):
+    import gc
+    for _ in range(5):
+        quanta.load(model.path, progress=False).generate("the", max_tokens=2)
+    gc.collect()
+    base = _rss_mb()
+    for _ in range(30):
+        m = quanta.load(model.path, progress=False)
+        m.generate("the", max_tokens=2)
+        del m
+    gc.collect()
+    assert _rss_mb() - base < 16
