@@ -11,7 +11,7 @@ import quanta
 from quanta import formats as F
 from quanta import reference as R
 
-GGUF = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
+GGUF = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
 
 
 def weights(rng, N, K):
@@ -72,7 +72,7 @@ def test_gguf_exact(rng, name):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_gguf_quantizer_bytes(rng, name):
     """Where the gguf package has a quantizer, identical floats give identical bytes."""
     w = weights(rng, 23, 1024)

@@ -3,6 +3,8 @@
 Block layouts (per row, blocks of 32 or 256 inputs), as GGUF stores them:
   Q4_0 (18 B / 32):  d f16, qs[16]: low nibble = input i, high nibble = input i + 16; w = d*(q-8)
   Q4_1 (20 B / 32):  d f16, m f16, qs[16] as Q4_0;                                      w = d*q + m
+  Q5_0 (22 B / 32):  d f16, qh u32 (bit i = 5th bit of input i), qs[16] as Q4_0;       w = d*(q-16)
+  Q5_1 (24 B / 32):  d f16, m f16, qh u32, qs[16];                                      w = d*q + m
   Q8_0 (34 B / 32):  d f16, qs int8[32];                                                w = d*q
   Q4_K (144 B / 256): d f16, dmin f16, 12 B of 6-bit (sc, mn) x 8, qs[128]: 64-input
                       chunks, low nibbles first;                         w = d*sc*q - dmin*mn
@@ -24,6 +26,7 @@ def _types():
         import gguf
         T = gguf.GGMLQuantizationType
         _TYPES.update({T.Q4_0: ("q4_0", 32, 18), T.Q4_1: ("q4_1", 32, 20), T.Q8_0: ("q8_0", 32, 34),
+                       T.Q5_0: ("q5_0", 32, 22), T.Q5_1: ("q5_1", 32, 24),
                        T.Q4_K: ("q4_k", 256, 144), T.Q5_K: ("q5_k", 256, 176), T.Q6_K: ("q6_k", 256, 210)})
     return _TYPES
 
@@ -73,6 +76,16 @@ def from_gguf(data: np.ndarray, qtype, shape) -> QuantizedTensor:
         arr["scales"] = _to_panels(_f16(blk[:, :, 0:2]), np.float16)
         if name == "q4_1":
             arr["offsets"] = _to_panels(_f16(blk[:, :, 2:4]), np.float16)
+    elif name in ("q5_0", "q5_1"):
+        off = 2 if name == "q5_0" else 4
+        qh = blk[:, :, off:off + 4].copy().view("<u4")                           # [N, nb, 1]
+        qs = blk[:, :, off + 4:off + 20]
+        low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)                      # [N, nb, 32]
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        codes = (low | (high << 4)).reshape(N, K)
+        arr["scales"] = _to_panels(_f16(blk[:, :, 0:2]), np.float16)
+        if name == "q5_1":
+            arr["offsets"] = _to_panels(_f16(blk[:, :, 2:4]), np.float16)
     elif name == "q8_0":
         codes = (blk[:, :, 2:34] ^ 0x80).reshape(N, K)
         arr["scales"] = _to_panels(_f16(blk[:, :, 0:2]), np.float16)
@@ -108,7 +121,7 @@ def to_gguf(qt: QuantizedTensor):
     qtype = fmt.gguf_type
     if qtype is None or PRESETS.get(fmt.name) != fmt:
         raise ValueError(f"to_gguf: format {fmt} has no GGUF block type (GGUF presets: "
-                         "q4_0, q4_1, q8_0, q4_k, q5_k, q6_k)")
+                         "q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k)")
     name, bs, bb = _types()[qtype]
     N, K = qt.shape
     nb = K // bs
@@ -125,6 +138,14 @@ def to_gguf(qt: QuantizedTensor):
         if name == "q4_1":
             out[:, :, 2:4] = f16b(_from_panels(qt.offsets, N))
         out[:, :, off:off + 16] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+    elif name in ("q5_0", "q5_1"):
+        off = 2 if name == "q5_0" else 4
+        out[:, :, 0:2] = f16b(scales)
+        if name == "q5_1":
+            out[:, :, 2:4] = f16b(_from_panels(qt.offsets, N))
+        bits = ((codes >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        out[:, :, off:off + 4] = np.bitwise_or.reduce(bits, axis=2).astype("<u4").view(np.uint8).reshape(N, nb, 4)
+        out[:, :, off + 4:off + 20] = (codes[:, :, :16] & 0x0F) | ((codes[:, :, 16:] & 0x0F) << 4)
     elif name == "q8_0":
         out[:, :, 0:2] = f16b(scales)
         out[:, :, 2:34] = codes ^ 0x80

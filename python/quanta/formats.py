@@ -12,7 +12,7 @@ kind       "sym":  w = s * (q - 2^(bits-1))
 scale      "fp16", "bf16", "fp32"; GGUF K-quants keep their nested super-block scales
 =========  ==========================================================================
 
-Presets: q4_0, q4_1, q8_0, q4_k, q5_k, q6_k (GGUF: same values, converted without loss,
+Presets: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k (GGUF: same values, converted without loss,
 and ``QuantizedTensor.to_gguf`` gives back GGUF's bytes), int8 (per row), int4_g128,
 int4_g128_asym (GPTQ/AWQ style), nf4 (bitsandbytes' table, blocks of 64), fp8_e4m3,
 fp8_e5m2 (per-row scale). `make()` returns any other point, e.g.
@@ -162,6 +162,7 @@ class Format:
         """The GGUF tensor type this format is the exact image of, or None."""
         import gguf
         return {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+                "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
                 "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
                 "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}.get(self.name)
 
@@ -206,6 +207,8 @@ def make(bits: int, group: Optional[int] = 32, kind: str = "sym", offset: Option
 PRESETS = {
     "q4_0": Format(4, 32, "sym", None, "fp16", "q4_0", name="q4_0"),
     "q4_1": Format(4, 32, "asym", "min", "fp16", "q4_1", name="q4_1"),
+    "q5_0": Format(5, 32, "sym", None, "fp16", "q4_0", name="q5_0"),
+    "q5_1": Format(5, 32, "asym", "min", "fp16", "q4_1", name="q5_1"),
     "q8_0": Format(8, 32, "sym", None, "fp16", "q8_0", name="q8_0"),
     "q4_k": Format(4, 32, "asym", "min", "nested_u6", "kquant", name="q4_k"),
     "q5_k": Format(5, 32, "asym", "min", "nested_u6", "kquant", name="q5_k"),
@@ -349,7 +352,7 @@ class QuantizedTensor:
 def quantize(w: np.ndarray, fmt: Union[str, Format]) -> QuantizedTensor:
     """Quantize W[N, K] (any float dtype; converted to float32) to `fmt`, in C with OpenMP.
 
-    For q4_0, q4_1 and q8_0 the bytes equal those of ``gguf.quants.quantize``.
+    For q4_0, q4_1, q5_0, q5_1 and q8_0 the bytes equal those of ``gguf.quants.quantize``.
     """
     fmt = get(fmt)
     if not isinstance(w, np.ndarray):
