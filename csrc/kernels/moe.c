@@ -3,9 +3,11 @@
  *
  * Routing is scalar per token (E <= a few hundred: the exps dominate), tokens split over
  * OpenMP threads. The expert part permutes (token, slot) pairs by expert with counts and
- * prefix sums (stable in token order), then per expert with tokens: gather its rows of x,
- * qn_qmatmul gate and up (threaded inside), silu * up, qn_qmatmul down, and add
- * weight * row into y, experts in id order. No allocation: scratch comes from the caller.
+ * prefix sums (stable in token order) and runs all active experts in one parallel region:
+ * x is quantized once per token; the gate/up tiles of every active expert ((expert, panel
+ * block, row tile) items, qn_qmatmul's tiles) are split over the threads in one loop, the
+ * down tiles in a second, then weight * row is added into y, experts in id order. Prefill
+ * runs in passes of at most QN_MOE_ROWS rows. No allocation: scratch comes from the caller.
  */
 #include "moe.h"
 
@@ -179,45 +181,55 @@ qn_status qn_moe_route(float *QN_RESTRICT weights, int32_t *QN_RESTRICT ids, con
 
 /* ---- experts ---- */
 
+/* Rows ((token, slot) pairs) one grouped pass holds: all of a decode step's, at most
+ * QN_MOE_ROWS for prefill (but never fewer than T, the most one expert can have). */
+#define QN_MOE_ROWS 512
+
 typedef struct moe_plan {
-    int64_t ffn_max, xsize;
-    int64_t counts_b, offs_b, stamp_b, rows_b, rw_b, xbuf_b, g_b, u_b, o_b, sg_b, qws_b;
+    int64_t R;                                     /* rows per pass */
+    int share_up;                                  /* up takes gate's prepared x */
+    int64_t counts_b, offs_b, stamp_b, rows_b, rw_b, act_b, cum_b;
+    int64_t xg_b, xu_b, ag_b, au_b, ad_b, g_b, u_b, o_b, sg_b, qws_b;
 } moe_plan;
 
-static int64_t qws_max(const qn_moe_experts *ex, const qn_moe_shared *sh, int64_t T, int nth) {
-    int64_t m = qn_max64(qn_qmatmul_workspace_size(&ex->gate[0], T, nth), qn_qmatmul_workspace_size(&ex->up[0], T, nth));
-    m = qn_max64(m, qn_qmatmul_workspace_size(&ex->down[0], T, nth));
-    if (sh) {
-        m = qn_max64(m, qn_qmatmul_workspace_size(sh->gate, T, nth));
-        m = qn_max64(m, qn_qmatmul_workspace_size(sh->up, T, nth));
-        m = qn_max64(m, qn_qmatmul_workspace_size(sh->down, T, nth));
-    }
-    return m;
+static int64_t qws_shared(const qn_moe_shared *sh, int64_t T, int nth) {
+    if (!sh) return 0;
+    int64_t m = qn_max64(qn_qmatmul_workspace_size(sh->gate, T, nth), qn_qmatmul_workspace_size(sh->up, T, nth));
+    return qn_max64(m, qn_qmatmul_workspace_size(sh->down, T, nth));
 }
 
 static moe_plan make_plan(const qn_moe_experts *ex, const qn_moe_shared *sh, int64_t T, int64_t k, int nth) {
     moe_plan pl;
-    pl.ffn_max = sh ? qn_max64(ex->ffn, sh->ffn) : ex->ffn;
-    pl.xsize = 4; /* the gather buffer holds any x dtype */
+    qn_qact ag, au;
+    pl.R = qn_max64(T, qn_min64(T * k, QN_MOE_ROWS));
+    qn_qact_init(&ag, &ex->gate[0], 1, NULL);
+    qn_qact_init(&au, &ex->up[0], 1, NULL);
+    pl.share_up = qn_qact_same_layout(&ag, &au);
     pl.counts_b = align64(ex->E * 8);
     pl.offs_b = align64((ex->E + 1) * 8);
     pl.stamp_b = align64(ex->E * 8);
     pl.rows_b = align64(T * k * 4);
     pl.rw_b = align64(T * k * 4);
-    pl.xbuf_b = align64(T * ex->d * pl.xsize);
-    pl.g_b = align64(T * pl.ffn_max * 4);
+    pl.act_b = align64(ex->E * 8);
+    pl.cum_b = 3 * align64((ex->E + 1) * 8); /* cum_gu, cum_dn, pass starts */
+    pl.xg_b = qn_qact_bytes(&ex->gate[0], T);
+    pl.xu_b = pl.share_up ? 0 : qn_qact_bytes(&ex->up[0], T);
+    pl.ag_b = qn_qact_bytes(&ex->gate[0], pl.R);
+    pl.au_b = pl.share_up ? 0 : qn_qact_bytes(&ex->up[0], pl.R);
+    pl.ad_b = qn_qact_bytes(&ex->down[0], pl.R);
+    pl.g_b = align64(qn_max64(pl.R * ex->ffn, sh ? T * sh->ffn : 0) * 4);
     pl.u_b = pl.g_b;
-    pl.o_b = align64(T * ex->d * 4);
+    pl.o_b = align64(pl.R * ex->d * 4);
     pl.sg_b = align64(T * 4);
-    pl.qws_b = align64(qws_max(ex, sh, T, nth));
+    pl.qws_b = align64(qws_shared(sh, T, nth));
     return pl;
 }
 
 int64_t qn_moe_workspace_size(const qn_moe_experts *ex, const qn_moe_shared *sh, int64_t T, int64_t k,
                               int nthreads) {
     moe_plan pl = make_plan(ex, sh, T, k, nthreads);
-    return pl.counts_b + pl.offs_b + pl.stamp_b + pl.rows_b + pl.rw_b + pl.xbuf_b + pl.g_b + pl.u_b + pl.o_b +
-           pl.sg_b + pl.qws_b + 64;
+    return pl.counts_b + pl.offs_b + pl.stamp_b + pl.rows_b + pl.rw_b + pl.act_b + pl.cum_b + pl.xg_b + pl.xu_b +
+           pl.ag_b + pl.au_b + pl.ad_b + pl.g_b + pl.u_b + pl.o_b + pl.sg_b + pl.qws_b + 64;
 }
 
 static qn_status check_qw(const qn_qweight *w, int64_t N, int64_t K, const char *what, int64_t e,
@@ -244,6 +256,40 @@ static qn_status expert_mlp(float *out, const void *xg, int xdtype, int64_t ldx,
     if (!st) st = qn_silu_mul_rows(G, G, U, c, ffn, ffn, ffn, ffn);
     if (!st) st = qn_qmatmul(out, down, G, QN_X_F32, c, ffn, down->N, qws, qws_b);
     return st;
+}
+
+/* One grouped pass over the routed experts, run by every thread of the enclosing parallel
+ * region. A pass holds the active experts act[0 .. na) whose rows (the (token, slot) pairs
+ * offs[e] .. offs[e + 1]) lie in offs[act[0]] .. + R. Work items are (expert, panel block,
+ * row tile) as in qn_qmatmul: item i belongs to expert act[j] with cum[j] <= i < cum[j + 1]. */
+typedef struct moe_pass {
+    const int32_t *act;             /* [na] expert ids, ascending */
+    const int64_t *offs, *counts;   /* [E + 1], [E] */
+    int64_t na, row0;
+} moe_pass;
+
+static inline int64_t item_expert(const int64_t *cum, int64_t na, int64_t i) {
+    int64_t lo = 0, hi = na - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (cum[mid] <= i) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Item i of a phase over a matrix of np_total panels: expert slot j, panels p0 .. p0 + np,
+ * rows m0 .. m0 + mr of the pass (relative to its first row). */
+static inline void item_coords(const moe_pass *ps, const int64_t *cum, int64_t np_total, int64_t i, int64_t *e,
+                               int64_t *p0, int64_t *np, int64_t *m0, int64_t *mr) {
+    int64_t j = item_expert(cum, ps->na, i), ee = ps->act[j];
+    int64_t c = ps->counts[ee], n_mt = qn_ceil_div(c, QN_MTILE), r = i - cum[j];
+    int64_t pb = r / n_mt, mt = r % n_mt;
+    *e = ee;
+    *p0 = pb * QN_NP_BLOCK;
+    *np = qn_min64(QN_NP_BLOCK, np_total - *p0);
+    *m0 = ps->offs[ee] - ps->row0 + mt * QN_MTILE;
+    *mr = qn_min64(QN_MTILE, c - mt * QN_MTILE);
 }
 
 qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const void *x, int xdtype,
@@ -283,7 +329,18 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
     int64_t *stamp = (int64_t *)p; p += pl.stamp_b;
     int32_t *rows = (int32_t *)p; p += pl.rows_b;
     float *rw = (float *)p; p += pl.rw_b;
-    char *xbuf = p; p += pl.xbuf_b;
+    int32_t *act = (int32_t *)p; p += pl.act_b;
+    int64_t cstride = pl.cum_b / 3 / 8;
+    int64_t *cum_gu = (int64_t *)p, *cum_dn = cum_gu + cstride, *pstart = cum_dn + cstride;
+    p += pl.cum_b;
+    qn_qact xg, xu, ag, au, ad;
+    qn_qact_init(&xg, &ex->gate[0], T, p); p += pl.xg_b;
+    if (pl.share_up) xu = xg; else qn_qact_init(&xu, &ex->up[0], T, p);
+    p += pl.xu_b;
+    qn_qact_init(&ag, &ex->gate[0], pl.R, p); p += pl.ag_b;
+    if (pl.share_up) au = ag; else qn_qact_init(&au, &ex->up[0], pl.R, p);
+    p += pl.au_b;
+    qn_qact_init(&ad, &ex->down[0], pl.R, p); p += pl.ad_b;
     float *G = (float *)p; p += pl.g_b;
     float *U = (float *)p; p += pl.u_b;
     float *O = (float *)p; p += pl.o_b;
@@ -314,6 +371,24 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
             rows[pos] = (int32_t)t;
             rw[pos] = weights[t * k + j];
         }
+    /* the active experts (an expert without tokens costs nothing), their work items, and
+     * the passes: runs of consecutive active experts with at most R rows together */
+    int64_t np_ffn = qn_npanels(ffn), np_d = qn_npanels(d);
+    int64_t pb_ffn = qn_ceil_div(np_ffn, QN_NP_BLOCK), pb_d = qn_ceil_div(np_d, QN_NP_BLOCK);
+    int64_t na = 0, npass = 0, in_pass = 0;
+    cum_gu[0] = cum_dn[0] = 0;
+    pstart[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (counts[e] == 0) continue;
+        int64_t n_mt = qn_ceil_div(counts[e], QN_MTILE);
+        if (na > pstart[npass] && in_pass + counts[e] > pl.R) pstart[++npass] = na, in_pass = 0;
+        in_pass += counts[e];
+        act[na] = (int32_t)e;
+        cum_gu[na + 1] = cum_gu[na] + pb_ffn * n_mt;
+        cum_dn[na + 1] = cum_dn[na] + pb_d * n_mt;
+        na++;
+    }
+    if (na > 0) pstart[++npass] = na;
 
     int xsize = xdtype == QN_X_F32 ? 4 : 2;
     int par_rows = T * d >= 32768;
@@ -337,24 +412,61 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
 #pragma omp parallel for schedule(static) if (par_rows)
         for (int64_t t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)d * sizeof *y);
     }
+    if (npass == 0) return QN_OK;
 
-    for (int64_t e = 0; e < E; e++) {
-        int64_t c = counts[e], o0 = offs[e];
-        if (c == 0) continue; /* an expert without tokens costs nothing */
-        int par = c * d >= 32768;
-#pragma omp parallel for schedule(static) if (par)
-        for (int64_t i = 0; i < c; i++)
-            memcpy(xbuf + i * d * xsize, (const char *)x + (int64_t)rows[o0 + i] * ldx * xsize, (size_t)(d * xsize));
-        if ((st = expert_mlp(O, xbuf, xdtype, d, c, &ex->gate[e], &ex->up[e], &ex->down[e], ffn, G, U, qws,
-                             pl.qws_b)))
-            return st;
-        /* rows of one expert are distinct tokens: no two threads touch one row of y */
-#pragma omp parallel for schedule(static) if (par)
-        for (int64_t i = 0; i < c; i++) {
-            float *yr = y + (int64_t)rows[o0 + i] * ldy;
-            const float *orow = O + i * d;
-            float wt = rw[o0 + i];
-            for (int64_t n = 0; n < d; n++) yr[n] += wt * orow[n];
+    /* The routed experts, one parallel region: x prepared once per token, then per pass
+     * every active expert's gate and up tiles (with silu * up on their columns) split over
+     * the threads in one loop, the down tiles in a second, and the weighted combine. Each
+     * output element comes from one tile with the operations of qn_qmatmul; the combine
+     * adds experts in id order, so results do not depend on the thread count. */
+    enum { COLS = 64 };
+    int64_t n_cc = qn_ceil_div(d, COLS);
+#pragma omp parallel num_threads(nth)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            const char *xr = (const char *)x + t * ldx * xsize;
+            qn_qact_prepare_row(&xg, t, xr, xdtype);
+            if (!pl.share_up) qn_qact_prepare_row(&xu, t, xr, xdtype);
+        }
+        for (int64_t b = 0; b < npass; b++) {
+            moe_pass ps = {act + pstart[b], offs, counts, pstart[b + 1] - pstart[b], offs[act[pstart[b]]]};
+            const int64_t *cg = cum_gu + pstart[b], *cd = cum_dn + pstart[b];
+            int64_t nrow = offs[act[pstart[b + 1] - 1] + 1] - ps.row0;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < nrow; r++) {
+                qn_qact_copy_row(&ag, r, &xg, rows[ps.row0 + r]);
+                if (!pl.share_up) qn_qact_copy_row(&au, r, &xu, rows[ps.row0 + r]);
+            }
+#pragma omp for schedule(static)
+            for (int64_t i = cg[0]; i < cg[ps.na]; i++) {
+                int64_t e, p0, np, m0, mr;
+                item_coords(&ps, cg, np_ffn, i, &e, &p0, &np, &m0, &mr);
+                int64_t c0 = p0 * QN_PANEL, nc = qn_min64(np * QN_PANEL, ffn - c0);
+                qn_qmatmul_tile(G + m0 * ffn + c0, ffn, &ex->gate[e], &ag, m0, mr, p0, np);
+                qn_qmatmul_tile(U + m0 * ffn + c0, ffn, &ex->up[e], &au, m0, mr, p0, np);
+                for (int64_t m = m0; m < m0 + mr; m++)
+                    qn_silu_mul(G + m * ffn + c0, G + m * ffn + c0, U + m * ffn + c0, nc);
+            }
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < nrow; r++) qn_qact_prepare_row(&ad, r, G + r * ffn, QN_X_F32);
+#pragma omp for schedule(static)
+            for (int64_t i = cd[0]; i < cd[ps.na]; i++) {
+                int64_t e, p0, np, m0, mr;
+                item_coords(&ps, cd, np_d, i, &e, &p0, &np, &m0, &mr);
+                qn_qmatmul_tile(O + m0 * d + p0 * QN_PANEL, d, &ex->down[e], &ad, m0, mr, p0, np);
+            }
+            /* y[t] += weight * row, rows in pass order (experts by id): one column slice per item */
+#pragma omp for schedule(static)
+            for (int64_t cc = 0; cc < n_cc; cc++) {
+                int64_t n0 = cc * COLS, n1 = qn_min64(n0 + COLS, d);
+                for (int64_t r = 0; r < nrow; r++) {
+                    float *yr = y + (int64_t)rows[ps.row0 + r] * ldy;
+                    const float *orow = O + r * d;
+                    float wt = rw[ps.row0 + r];
+                    for (int64_t n = n0; n < n1; n++) yr[n] += wt * orow[n];
+                }
+            }
         }
     }
     return QN_OK;

@@ -4,9 +4,11 @@
  *          scores, optional selection bias, group-limited top-k, renormalize, scaling).
  * experts: y[T, d] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j],
  *          plus an optional shared expert (times sigmoid(x_t . shared_gate) when given).
- * Tokens are permuted by expert (counts + prefix sums, stable); each expert runs its three
- * quantized matmuls (qn_qmatmul, which owns the OpenMP threading) on its gathered rows; the
- * scatter-add visits experts in id order, so results never depend on the thread count.
+ * Tokens are permuted by expert (counts + prefix sums, stable); the tiles of qn_qmatmul for
+ * all active experts' gate and up projections are split over OpenMP threads in one loop,
+ * then those of the down projections; every element is the qn_qmatmul of its expert's rows
+ * and the scatter-add visits experts in id order, so results never depend on the thread
+ * count.
  */
 #ifndef QN_MOE_H
 #define QN_MOE_H

@@ -14,8 +14,6 @@
 #include "../dispatch.h"
 
 
-#define QN_NP_BLOCK 4   /* panels per tile */
-#define QN_MTILE 128    /* rows of x per tile */
 
 /* ---- code access (the layout's definition in executable form) ---- */
 
@@ -189,35 +187,82 @@ void qn_qtile_lut_ref(const qn_qtile *t) {
 
 /* ---- driver ---- */
 
-typedef struct qm_plan {
-    int64_t Kp, group, fb, nb, np_total;
-    int64_t xq_bytes, xb_bytes, xf_bytes;
-    int lut;
-} qm_plan;
-
 static inline int64_t align64(int64_t x) { return qn_round_up(x, 64); }
 
-static qm_plan make_plan(const qn_qweight *w, int64_t M) {
-    qm_plan pl;
+int64_t qn_qact_bytes(const qn_qweight *w, int64_t M) {
+    qn_qact a;
+    qn_qact_init(&a, w, M, NULL);
+    return a.lut ? align64(M * a.Kp * 4) : align64(M * a.Kp) + 3 * align64(M * a.nb * 4);
+}
+
+void qn_qact_init(qn_qact *a, const qn_qweight *w, int64_t M, void *buf) {
     const qn_format *f = w->fmt;
-    pl.Kp = qn_fmt_kpad(f, w->K);
-    pl.group = qn_fmt_group(f, w->K);
-    pl.fb = qn_min64(pl.group, QN_SUPER);
-    pl.nb = qn_ceil_div(pl.Kp, pl.fb);
-    pl.np_total = qn_npanels(w->N);
-    pl.lut = f->kind == QN_LUT;
-    pl.xq_bytes = pl.lut ? 0 : align64(M * pl.Kp);
-    pl.xb_bytes = pl.lut ? 0 : align64(M * pl.nb * 4);
-    pl.xf_bytes = pl.lut ? align64(M * pl.Kp * 4) : 0;
-    return pl;
+    a->K = w->K;
+    a->Kp = qn_fmt_kpad(f, w->K);
+    a->fb = qn_min64(qn_fmt_group(f, w->K), QN_SUPER);
+    a->nb = qn_ceil_div(a->Kp, a->fb);
+    a->lut = f->kind == QN_LUT;
+    int64_t xq_b = a->lut ? 0 : align64(M * a->Kp), xb_b = a->lut ? 0 : align64(M * a->nb * 4);
+    char *p = (char *)buf;
+    if (!p) { /* dimensions only */
+        a->xq = NULL, a->xd = a->xsum = a->xf = NULL, a->xisum = NULL;
+        return;
+    }
+    a->xq = (int8_t *)p;
+    a->xd = (float *)(p + xq_b);
+    a->xsum = (float *)(p + xq_b + xb_b);
+    a->xisum = (int32_t *)(p + xq_b + 2 * xb_b);
+    a->xf = (float *)(p + xq_b + 3 * xb_b);
+}
+
+void qn_qact_prepare_row(const qn_qact *a, int64_t m, const void *x, int xdtype) {
+    if (a->lut) {
+        float *xf = a->xf + m * a->Kp;
+        for (int64_t k = 0; k < a->Kp; k++) xf[k] = k < a->K ? load_x(x, xdtype, k) : 0.0f;
+    } else {
+        qn_kernels.quant_act(a->xq + m * a->Kp, a->xd + m * a->nb, a->xsum + m * a->nb, a->xisum + m * a->nb, x,
+                             xdtype, a->K, a->Kp, a->fb);
+    }
+}
+
+void qn_qact_copy_row(const qn_qact *dst, int64_t m, const qn_qact *src, int64_t r) {
+    if (src->lut) {
+        memcpy(dst->xf + m * dst->Kp, src->xf + r * src->Kp, (size_t)src->Kp * 4);
+        return;
+    }
+    memcpy(dst->xq + m * dst->Kp, src->xq + r * src->Kp, (size_t)src->Kp);
+    memcpy(dst->xd + m * dst->nb, src->xd + r * src->nb, (size_t)src->nb * 4);
+    memcpy(dst->xsum + m * dst->nb, src->xsum + r * src->nb, (size_t)src->nb * 4);
+    memcpy(dst->xisum + m * dst->nb, src->xisum + r * src->nb, (size_t)src->nb * 4);
+}
+
+int qn_qact_same_layout(const qn_qact *a, const qn_qact *b) {
+    return a->lut == b->lut && a->K == b->K && a->Kp == b->Kp && a->fb == b->fb;
+}
+
+void qn_qmatmul_tile(float *y, int64_t ldy, const qn_qweight *w, const qn_qact *a, int64_t m0, int64_t mr,
+                     int64_t p0, int64_t np) {
+    qn_qtile tile;
+    qn_qtile_for_panels(&tile, w, p0, np);
+    tile.xq = a->xq + m0 * a->Kp;
+    tile.ldxq = a->Kp;
+    tile.xd = a->xd + m0 * a->nb;
+    tile.xsum = a->xsum + m0 * a->nb;
+    tile.xisum = a->xisum + m0 * a->nb;
+    tile.ldxb = a->nb;
+    tile.fb = a->fb;
+    tile.xf = a->xf + m0 * a->Kp;
+    tile.ldxf = a->Kp;
+    tile.mr = (int)mr;
+    tile.y = y;
+    tile.ldy = ldy;
+    (a->lut ? qn_kernels.qtile_lut : qn_kernels.qtile_int)(&tile);
 }
 
 int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads) {
     (void)nthreads;
-    qm_plan pl = make_plan(w, M);
-    return pl.xq_bytes + 3 * pl.xb_bytes + pl.xf_bytes + 64;
+    return qn_qact_bytes(w, M) + 64;
 }
-
 
 qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype,
                      int64_t M, int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes) {
@@ -232,55 +277,26 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
         return qn_set_error(QN_EINVAL, "qmatmul: unknown x dtype %d", xdtype);
     if (M == 0) return QN_OK;
     int nth = qn_omp_max_threads();
-    qm_plan pl = make_plan(w, M);
     if (ws_bytes < qn_qmatmul_workspace_size(w, M, nth))
         return qn_set_error(QN_EINVAL, "qmatmul: workspace too small");
     int xsize = xdtype == QN_X_F32 ? 4 : 2;
-    char *wsp = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
-    int8_t *xq = (int8_t *)wsp;
-    float *xd = (float *)(wsp + pl.xq_bytes);
-    float *xsum = (float *)(wsp + pl.xq_bytes + pl.xb_bytes);
-    int32_t *xisum = (int32_t *)(wsp + pl.xq_bytes + 2 * pl.xb_bytes);
-    float *xf = (float *)(wsp + pl.xq_bytes + 3 * pl.xb_bytes);
-    int64_t n_pb = qn_ceil_div(pl.np_total, QN_NP_BLOCK);
+    qn_qact act;
+    qn_qact_init(&act, w, M, (void *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63));
+    int64_t np_total = qn_npanels(w->N);
+    int64_t n_pb = qn_ceil_div(np_total, QN_NP_BLOCK);
     int64_t n_mt = qn_ceil_div(M, QN_MTILE);
     int64_t n_tiles = n_pb * n_mt;
-    qn_dispatch kd = qn_kernels;
-    qn_qtile_fn kern = pl.lut ? kd.qtile_lut : kd.qtile_int;
 
 #pragma omp parallel num_threads(nth)
     {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            const char *xr = (const char *)x + m * ldx * xsize;
-            if (pl.lut) {
-                for (int64_t k = 0; k < pl.Kp; k++)
-                    xf[m * pl.Kp + k] = k < w->K ? load_x(xr, xdtype, k) : 0.0f;
-            } else {
-                kd.quant_act(xq + m * pl.Kp, xd + m * pl.nb, xsum + m * pl.nb, xisum + m * pl.nb, xr,
-                             xdtype, w->K, pl.Kp, pl.fb);
-            }
-        }
+        for (int64_t m = 0; m < M; m++) qn_qact_prepare_row(&act, m, (const char *)x + m * ldx * xsize, xdtype);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tiles; t++) {
             int64_t pb = t / n_mt, mt = t % n_mt;
-            int64_t p0 = pb * QN_NP_BLOCK, np = qn_min64(QN_NP_BLOCK, pl.np_total - p0);
+            int64_t p0 = pb * QN_NP_BLOCK, np = qn_min64(QN_NP_BLOCK, np_total - p0);
             int64_t m0 = mt * QN_MTILE, mr = qn_min64(QN_MTILE, M - m0);
-            qn_qtile tile;
-            qn_qtile_for_panels(&tile, w, p0, np);
-            tile.xq = xq + m0 * pl.Kp;
-            tile.ldxq = pl.Kp;
-            tile.xd = xd + m0 * pl.nb;
-            tile.xsum = xsum + m0 * pl.nb;
-            tile.xisum = xisum + m0 * pl.nb;
-            tile.ldxb = pl.nb;
-            tile.fb = pl.fb;
-            tile.xf = xf + m0 * pl.Kp;
-            tile.ldxf = pl.Kp;
-            tile.mr = (int)mr;
-            tile.y = y + m0 * ldy + p0 * QN_PANEL;
-            tile.ldy = ldy;
-            kern(&tile);
+            qn_qmatmul_tile(y + m0 * ldy + p0 * QN_PANEL, ldy, w, &act, m0, mr, p0, np);
         }
     }
     return QN_OK;

@@ -76,6 +76,44 @@ int qn_code_at(const uint8_t *panel_codes, int bits, int64_t n, int64_t k);
 /* A tile over panels p0 .. p0 + np of w, without activations (for dequantize). */
 void qn_qtile_for_panels(qn_qtile *t, const qn_qweight *w, int64_t p0, int64_t np);
 
+/* The driver's tiling: QN_NP_BLOCK panels x QN_MTILE rows of x per tile. */
+#define QN_NP_BLOCK 4
+#define QN_MTILE 128
+
+/* Activations prepared for the tiles of one weight format, M rows: int8 blocks of fb
+ * inputs with their scales (integer formats) or fp32 padded with zeros to Kp (lookup-table
+ * formats). Two weights with equal (lut, K, Kp, fb) take the same prepared rows. */
+typedef struct qn_qact {
+    int8_t *xq;            /* [M][Kp] (integer formats) */
+    float *xd, *xsum;      /* [M][nb] */
+    int32_t *xisum;        /* [M][nb] */
+    float *xf;             /* [M][Kp] (lookup-table formats) */
+    int64_t K, Kp, fb, nb;
+    int lut;
+} qn_qact;
+
+/* Bytes of a qn_qact of M rows for w's format (a multiple of 64). */
+int64_t qn_qact_bytes(const qn_qweight *w, int64_t M);
+
+/* Lays out a qn_qact of M rows for w in buf (64-byte aligned, qn_qact_bytes long);
+ * buf NULL: the dimensions only. */
+void qn_qact_init(qn_qact *a, const qn_qweight *w, int64_t M, void *buf);
+
+/* Row m of a <- x[K] (dtype xdtype), with the dispatched quantizer. */
+void qn_qact_prepare_row(const qn_qact *a, int64_t m, const void *x, int xdtype);
+
+/* Row m of dst <- row r of src (same layout). */
+void qn_qact_copy_row(const qn_qact *dst, int64_t m, const qn_qact *src, int64_t r);
+
+/* 1 when a and b hold the same prepared values for the same x. */
+int qn_qact_same_layout(const qn_qact *a, const qn_qact *b);
+
+/* One tile of the driver: y[mr, cols of panels p0 .. p0 + np) (row stride ldy, y points
+ * at column p0 * 16 of row 0) = rows m0 .. m0 + mr of a @ W^T, by the dispatched kernel.
+ * qn_qmatmul is a loop over these tiles. */
+void qn_qmatmul_tile(float *y, int64_t ldy, const qn_qweight *w, const qn_qact *a, int64_t m0, int64_t mr,
+                     int64_t p0, int64_t np);
+
 /* Bytes of workspace qn_qmatmul needs for M rows with nthreads threads. */
 int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads);
 

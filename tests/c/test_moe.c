@@ -1,7 +1,8 @@
 /* test_moe.c — the MoE kernels from C alone: routing rules (ties, top_k = 1 and = E,
  * groups, bias), the fused experts against a token-by-token composition of qn_qmatmul and
  * qn_silu_mul (bitwise: same operations, same order), every ISA path against _ref, guard
- * bytes around y, zero-token experts, and bad ids / workspace returning QN_EINVAL. */
+ * bytes around y, zero-token experts, several passes, gate/up/down in different formats,
+ * and bad ids / workspace returning QN_EINVAL. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,13 +126,15 @@ static void compose(float *y, const float *x, const int32_t *ids, const float *w
     free(g); free(u); free(o); free(ws);
 }
 
-static void test_experts(const qn_format *f, int64_t E, int64_t d, int64_t ffn, int64_t T, int64_t k, int skew) {
+/* gate in f, up in fu, down in fd */
+static void test_experts_fmt(const qn_format *f, const qn_format *fu, const qn_format *fd, int64_t E, int64_t d,
+                             int64_t ffn, int64_t T, int64_t k, int skew) {
     qbuf *qb = malloc(sizeof(qbuf) * (size_t)(3 * E));
     qn_qweight *qw = malloc(sizeof(qn_qweight) * (size_t)(3 * E));
     for (int64_t e = 0; e < E; e++) {
         make_q(&qb[e], f, ffn, d);
-        make_q(&qb[E + e], f, ffn, d);
-        make_q(&qb[2 * E + e], f, d, ffn);
+        make_q(&qb[E + e], fu, ffn, d);
+        make_q(&qb[2 * E + e], fd, d, ffn);
     }
     for (int64_t i = 0; i < 3 * E; i++) qw[i] = qb[i].w;
     qn_moe_experts ex = {E, d, ffn, qw, qw + E, qw + 2 * E};
@@ -187,6 +190,10 @@ static void test_experts(const qn_format *f, int64_t E, int64_t d, int64_t ffn, 
     free(qb); free(qw);
 }
 
+static void test_experts(const qn_format *f, int64_t E, int64_t d, int64_t ffn, int64_t T, int64_t k, int skew) {
+    test_experts_fmt(f, f, f, E, d, ffn, T, k, skew);
+}
+
 static void test_expert_errors(void) {
     qn_format f = fmt(8, 32, QN_SYM, 0, QN_SCALE_F16);
     qbuf qb[6];
@@ -236,6 +243,9 @@ int main(void) {
     test_experts(&fs[0], 16, 64, 64, 1, 1, 0);   /* T = 1, top-1 */
     test_experts(&fs[1], 6, 64, 64, 20, 2, 1);   /* zero-token experts */
     test_experts(&fs[1], 3, 32, 64, 150, 1, 1);  /* all tokens to one expert */
+    test_experts(&fs[0], 8, 64, 96, 200, 4, 0);  /* 800 rows: several passes, a partial panel block */
+    test_experts_fmt(&fs[0], &fs[2], &fs[3], 8, 64, 64, 3, 2, 0); /* up and down in other formats */
+    test_experts_fmt(&fs[2], &fs[2], &fs[1], 8, 128, 64, 40, 3, 0);
     test_expert_errors();
     if (failures) {
         printf("%d failed\n", failures);
