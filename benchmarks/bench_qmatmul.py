@@ -1,6 +1,7 @@
 """Quantized matmul on the CPU: decode GEMV and prefill GEMM, side by side with NumPy.
 
     python benchmarks/bench_qmatmul.py [--threads 2] [--quick] [--formats q4_0,q8_0]
+    python benchmarks/bench_qmatmul.py --device cuda [--quick] [--formats ...]
 
 Decode (M=1): effective weight GB/s (bytes of the quantized matrix / time), the ratio to
 NumPy float32 ``x @ W.T`` (OpenBLAS sgemv) on the same shape, and the fraction of the read
@@ -8,6 +9,14 @@ bandwidth this script measures. Weights rotate through copies (>= 320 MB) so the
 from memory. Prefill (M = 16, 64, 512): GOP/s (2*M*N*K / time) and the ratio to NumPy
 float32. Every kernel's output is checked against quanta.reference before it is timed;
 a wrong result prints no number. Medians of >= 10 runs; thread counts equal.
+
+--device cuda: the GPU kernels (quanta.cuda.qmatmul on device-resident weights) beside
+PyTorch: float16 ``x @ W.T`` (cuBLAS) for every format, and ``torch._scaled_mm`` (FP8
+e4m3 tensor cores, per-row scales) beside fp8_e4m3. Decode M = 1 reports effective weight
+GB/s against the device's peak bandwidth; prefill M = 16, 64, 512, 2048 reports TFLOP/s.
+Outputs are checked against quanta.reference before anything is timed; timing is the mean
+over >= 50 back-to-back launches between two synchronizations (CUDA events through torch
+when it is installed). Without a usable GPU it exits with the reason.
 """
 from __future__ import annotations
 
@@ -44,7 +53,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     ap.add_argument("--formats", default=",".join(ALL_FORMATS))
     ap.add_argument("--json", default=None, help="also write results to this file")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
     quanta.set_num_threads(args.threads)
     fmts = args.formats.split(",")
     rng = np.random.default_rng(0)
@@ -104,6 +116,114 @@ def main():
                                     "GOPs": ops / t / 1e9, "x_numpy": t_np / t})
     print(f"\nPrefill GEMM, N = K = {N}")
     _common.print_table(["M", "format", "ms", "GOP/s", "x numpy f32"], rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+# ---- GPU ----
+
+def _gpu_time(fn, sync, iters):
+    """Mean seconds per call of fn over `iters` back-to-back launches (after a warm-up)."""
+    import time
+    try:
+        import torch
+        use_events = torch.cuda.is_available()
+    except ImportError:
+        use_events = False
+    for _ in range(3):
+        fn()
+    sync()
+    if use_events:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def main_cuda(args):
+    import sys
+
+    from quanta import cuda
+    if not cuda.available():
+        sys.exit(f"bench_qmatmul --device cuda: no CUDA device: {cuda.unavailable_reason()}")
+    try:
+        import torch
+        have_torch = torch.cuda.is_available()
+    except ImportError:
+        torch, have_torch = None, False
+    dev = cuda.devices()[0]
+    cc = dev["compute_capability"]
+    peak = dev["memory_bandwidth_gbs"]
+    print(f"quanta {quanta.__version__} on {dev['name']} (sm_{cc[0]}{cc[1]}), peak memory bandwidth "
+          f"{peak:.0f} GB/s; torch {'%s' % torch.__version__ if have_torch else 'not available'}\n")
+    fmts = args.formats.split(",")
+    rng = np.random.default_rng(0)
+    iters = 50 if args.quick else 200
+    sync = cuda.default_stream(0).synchronize
+    results = {"device": dev["name"], "gemv": [], "gemm": []}
+    N = K = 4096
+    w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+    wt = torch.from_numpy(w).to("cuda", torch.float16) if have_torch else None
+    if have_torch and cc >= (8, 9):
+        w_amax = wt.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+        w_scale = (w_amax / 448.0).float()
+        w8 = (wt.float() / w_scale).to(torch.float8_e4m3fn)
+    rows = []
+    for M in ([1, 16, 512] if args.quick else [1, 16, 64, 512, 2048]):
+        x = rng.standard_normal((M, K)).astype(np.float16)
+        xd = cuda.to_device(x)
+        flops = 2.0 * M * N * K
+        ref_x = x.astype(np.float32)
+        if have_torch:
+            xt = torch.from_numpy(x).to("cuda")
+            t = _gpu_time(lambda: xt @ wt.T, torch.cuda.synchronize, iters)
+            rows.append([M, "torch f16 (cuBLAS)", f"{N * K * 2 / 1e6:.1f}", f"{t * 1e6:.1f}",
+                         f"{N * K * 2 / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
+        for name in fmts:
+            qt = quanta.quantize(w, name)
+            wd = qt.to("cuda")
+            path = cuda.qmatmul_path(wd, M)
+            y = cuda.qmatmul(xd, wd).numpy()
+            yr = reference.qmatmul(ref_x, qt)
+            err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
+            if err > (6e-2 if path == "fp8" else 1e-2):
+                rows.append([M, f"{name} [{path}]", "", "WRONG", f"rel err {err:.2e}", ""])
+                continue
+            out = cuda.Array((M, N), np.float16)
+            t = _gpu_time(lambda: cuda.qmatmul(xd, wd, out=out), sync, iters)
+            gbs = qt.nbytes / t / 1e9
+            rows.append([M, f"{name} [{path}]", f"{qt.nbytes / 1e6:.1f}", f"{t * 1e6:.1f}", f"{gbs:.0f}",
+                         f"{flops / t / 1e12:.2f}"])
+            results["gemv" if M == 1 else "gemm"].append(
+                {"M": M, "format": name, "path": path, "us": t * 1e6, "GBs": gbs, "TFLOPs": flops / t / 1e12,
+                 "frac_peak_bw": gbs / peak})
+            if name == "fp8_e4m3" and have_torch and cc >= (8, 9) and M >= 16:
+                xt32 = torch.from_numpy(x).to("cuda").float()
+                x_scale = (xt32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0)
+                x8 = (xt32 / x_scale).to(torch.float8_e4m3fn)
+                fn = lambda: torch._scaled_mm(x8, w8.T, scale_a=x_scale, scale_b=w_scale.T,  # noqa: E731
+                                              out_dtype=torch.float16)
+                ys = fn().float().cpu().numpy()
+                yr8 = reference.matmul(ref_x, w)
+                e8 = np.linalg.norm(ys - yr8) / np.linalg.norm(yr8)
+                if e8 > 6e-2:
+                    rows.append([M, "torch._scaled_mm e4m3", "", "WRONG", f"rel err {e8:.2e}", ""])
+                else:
+                    t = _gpu_time(fn, torch.cuda.synchronize, iters)
+                    rows.append([M, "torch._scaled_mm e4m3", f"{N * K / 1e6:.1f}", f"{t * 1e6:.1f}",
+                                 f"{N * K / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
+    print(f"N = K = {N}, x float16; GB/s = weight bytes / time")
+    _common.print_table(["M", "kernel [path]", "MB", "us", "GB/s", "TFLOP/s"], rows)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "qn_common.h"
+#include "qn_formats.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -59,6 +60,60 @@ const char *qn_cuda_built_archs(void);
  * ran (900 on an H100 with sm_90 code). Allocates and frees its own 4 KiB buffer; the
  * calling thread's current device is restored afterwards. */
 qn_status qn_cuda_selftest(int dev, int *arch);
+
+/* ---- memory: a caching allocator ----
+ * Device memory comes from per-device free lists keyed by size class (512 B granules up to
+ * 1 MiB, then four classes per power of two); a freed block keeps an event recorded on the
+ * stream that last used it, and a later allocation on another stream waits on that event, so
+ * reuse never races with kernels still reading the block. cudaMalloc failing empties the
+ * device's cache and retries once (then QN_ENOMEM). Thread-safe. Pointers are 256-byte aligned. */
+qn_status qn_cuda_alloc(int dev, int64_t nbytes, void *stream, void **ptr);
+/* Returns a block from qn_cuda_alloc to the cache; `stream` is the last stream that used it. */
+qn_status qn_cuda_release(int dev, void *ptr, void *stream);
+/* cudaFree every cached (unused) block of every device; live blocks stay. */
+qn_status qn_cuda_empty_cache(void);
+/* Bytes held by live blocks and by cached free blocks, over all devices. */
+void qn_cuda_memory_stats(int64_t *live, int64_t *cached);
+
+enum qn_copy_kind { QN_COPY_H2D = 0, QN_COPY_D2H = 1, QN_COPY_D2D = 2 };
+/* Copies nbytes on `stream` of device dev; host-side copies wait until the stream reaches the
+ * copy (host memory may be pageable and freed right after), device-to-device ones do not. */
+qn_status qn_cuda_copy(void *dst, const void *src, int64_t nbytes, int kind, int dev, void *stream);
+/* Strided device-to-device copy of a 2-D [rows, cols_bytes] region (pitches in bytes). */
+qn_status qn_cuda_copy_2d(void *dst, int64_t dpitch, const void *src, int64_t spitch, int64_t cols_bytes,
+                          int64_t rows, int dev, void *stream);
+
+/* ---- streams ----
+ * A stream handle is a cudaStream_t as an integer: 0 is the legacy default stream of the
+ * current device, 1 and 2 are CUDA's cudaStreamLegacy and cudaStreamPerThread. */
+qn_status qn_cuda_stream_create(int dev, void **stream);  /* non-blocking, default priority */
+qn_status qn_cuda_stream_destroy(int dev, void *stream);
+qn_status qn_cuda_stream_synchronize(int dev, void *stream);
+/* Makes `waiter` wait (on the device, not the host) for the work queued so far on `on`. */
+qn_status qn_cuda_stream_wait(int dev, void *waiter, void *on);
+/* The device a pointer lives on; *dev = -1 for host memory CUDA does not know. */
+qn_status qn_cuda_pointer_device(const void *ptr, int *dev);
+
+/* ---- quantized matmul ----
+ * y[M, N] = x[M, K] @ W[N, K]^T with W in the panel layout of qn_formats.h; w->codes,
+ * scales, offsets, supers and super_mins are device pointers (w->fmt a host pointer).
+ * x: float32 / float16 / bfloat16 (xdt 0 / 1 / 2), row stride ldx elements; y: same codes
+ * (ydt), row stride ldy. Every format of the layout runs. Paths:
+ *   GEMV (M <= QN_CUDA_GEMV_MAX_M, or any M on GPUs below sm_80): dequantize in registers,
+ *     fp32 math, fp32 x;
+ *   GEMM (sm_80+): mma.sync m16n8k16 on f16 (x float16) or bf16 (x bfloat16 / float32)
+ *     tiles, weights dequantized to that type in shared memory, fp32 accumulation;
+ *   FP8 (sm_89+, fp8_e4m3 table with one scale per row): x cast to e4m3 with a per-row
+ *     scale absmax / 448, mma.sync m16n8k32 e4m3, fp32 accumulation.
+ * `path` forces one (QN_CUDA_PATH_*; a forced path the GPU cannot run is QN_EUNSUPPORTED).
+ * `workspace`: device memory of qn_cuda_qmatmul_workspace(w, M) bytes (may be NULL when 0). */
+enum { QN_CUDA_PATH_AUTO = 0, QN_CUDA_PATH_GEMV = 1, QN_CUDA_PATH_GEMM = 2, QN_CUDA_PATH_FP8 = 3 };
+#define QN_CUDA_GEMV_MAX_M 16
+int64_t qn_cuda_qmatmul_workspace(const qn_qweight *w, int64_t M);
+qn_status qn_cuda_qmatmul(void *y, int ydt, int64_t ldy, const qn_qweight *w, const void *x, int xdt,
+                          int64_t ldx, int64_t M, void *workspace, int path, int dev, void *stream);
+/* The path QN_CUDA_PATH_AUTO takes for this weight, M and device (for tests and benchmarks). */
+qn_status qn_cuda_qmatmul_path(const qn_qweight *w, int64_t M, int dev, int *path);
 
 #ifdef __cplusplus
 }

@@ -183,3 +183,369 @@ def test_selftest_runs_on_every_device():
 def test_selftest_out_of_range():
     with pytest.raises(ValueError, match=r"selftest: device \d+ is out of range"):
         cuda.selftest(cuda.device_count())
+
+
+# ---- device arrays and qmatmul: what runs without a GPU ----
+
+import gc  # noqa: E402
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tolerances import assert_close  # noqa: E402
+
+QMATMUL_FORMATS = ["q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q8_0", "int4_g128", "int4_g128_asym", "int8", "nf4",
+                   "fp8_e4m3", "fp8_e5m2"]
+
+
+class FakeCAI:
+    """Describes GPU memory through __cuda_array_interface__ only (nothing is allocated)."""
+
+    def __init__(self, shape, typestr="<f2", strides=None, ptr=0x10000):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, False),
+                                         "version": 3, "strides": strides, "stream": None}
+
+
+def fake_device_qt(qt):
+    """A CudaQuantizedTensor over fake device addresses: enough for argument checks, which must
+    all happen before anything touches a device."""
+    arrays = [None if a is None else cuda.Array._wrap(None, 0x1000 * (i + 1), a.shape, a.dtype, a.strides, 0,
+                                                      None)
+              for i, a in enumerate(qt.arrays)]
+    return cuda.CudaQuantizedTensor(qt.format, qt.shape, 0, *arrays)
+
+
+@pytest.fixture(scope="module")
+def small_qt():
+    w = np.random.default_rng(3).standard_normal((40, 256)).astype(np.float32)
+    return quanta.quantize(w, "q4_0")
+
+
+@no_gpu_only
+def test_without_gpu_arrays_raise_no_cuda_device(small_qt):
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        cuda.Array((4, 4))
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        cuda.to_device(np.zeros(3, np.float32))
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        cuda.Stream()
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        small_qt.to("cuda")
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        cuda.asarray(FakeCAI((2, 256)))
+    assert cuda.memory_stats() == {"live": 0, "cached": 0}
+    cuda.empty_cache()
+
+
+@no_gpu_only
+def test_without_gpu_qmatmul_raises_no_cuda_device(small_qt):
+    x = FakeCAI((3, 256))
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        quanta.ops.qmatmul(x, fake_device_qt(small_qt))
+
+
+def test_import_does_not_load_extension_for_numpy_ops():
+    out = run_python(
+        "import sys, numpy as np, quanta\n"
+        "w = quanta.quantize(np.ones((16, 64), np.float32), 'q8_0')\n"
+        "quanta.ops.qmatmul(np.ones((2, 64), np.float32), w)\n"
+        "print('quanta._cuda' in sys.modules)\n")
+    assert out.strip() == "False"
+
+
+def test_qmatmul_gpu_x_needs_gpu_weight(small_qt):
+    with pytest.raises(TypeError, match=r"w.to\('cuda'\)"):
+        quanta.ops.qmatmul(FakeCAI((3, 256)), small_qt)
+    with pytest.raises(TypeError, match=r"w.to\('cuda'\)"):
+        quanta.ops.matmul(FakeCAI((3, 256)), small_qt)
+    with pytest.raises(NotImplementedError, match="float weights on the GPU"):
+        quanta.ops.matmul(FakeCAI((3, 256)), np.zeros((40, 256), np.float32))
+
+
+def test_qmatmul_numpy_x_with_gpu_weight(small_qt):
+    with pytest.raises(TypeError, match=r"w lives on cuda:0 .*to_device"):
+        quanta.ops.qmatmul(np.zeros((3, 256), np.float32), fake_device_qt(small_qt))
+
+
+def test_qmatmul_argument_checks_before_the_device(small_qt):
+    w = fake_device_qt(small_qt)
+    q = quanta.ops.qmatmul
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got float64"):
+        q(FakeCAI((3, 256), "<f8"), w)
+    with pytest.raises(TypeError, match="unsupported __cuda_array_interface__ typestr"):
+        q(FakeCAI((3, 256), "<c8"), w)
+    with pytest.raises(ValueError, match=r"x must have shape \(M, 256\), got float16 with shape \(3, 128\)"):
+        q(FakeCAI((3, 128)), w)
+    with pytest.raises(ValueError, match="x rows must be contiguous"):
+        q(FakeCAI((3, 256), strides=(1024, 4)), w)
+    with pytest.raises(ValueError, match="row stride"):
+        q(FakeCAI((3, 256), strides=(300, 2)), w)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        q(FakeCAI((2, 3, 256), strides=(2048, 512, 2)), w)
+    with pytest.raises(ValueError, match="path must be one of"):
+        cuda.qmatmul(FakeCAI((3, 256)), w, path="fast")
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 40\)"):
+        q(FakeCAI((3, 256)), w, out=FakeCAI((3, 41), "<f4"))
+    with pytest.raises(TypeError, match="out must be float32, float16 or bfloat16"):
+        q(FakeCAI((3, 256)), w, out=FakeCAI((3, 40), "<i4"))
+    with pytest.raises(ValueError, match="backend must be 'auto' for GPU arrays"):
+        q(FakeCAI((3, 256)), w, backend="reference")
+
+
+def test_cuda_quantized_tensor_checks(small_qt):
+    w = fake_device_qt(small_qt)
+    assert w.shape == small_qt.shape and w.format == small_qt.format and w.device == 0
+    assert w.nbytes == small_qt.nbytes
+    assert "device=cuda:0" in repr(w)
+    with pytest.raises(AttributeError):
+        w.shape = (1, 1)
+    codes = w.codes
+    with pytest.raises(ValueError, match="scales is missing"):
+        cuda.CudaQuantizedTensor(small_qt.format, small_qt.shape, 0, codes, None)
+    with pytest.raises(TypeError, match="scales must be a quanta.cuda.Array"):
+        cuda.CudaQuantizedTensor(small_qt.format, small_qt.shape, 0, codes, small_qt.scales)
+    with pytest.raises(ValueError, match="codes must be C-contiguous uint8 with shape"):
+        cuda.CudaQuantizedTensor(small_qt.format, (64, 256), 0, codes, w.scales)
+
+
+def test_array_interfaces_without_device_calls():
+    a = cuda.Array._wrap(None, 0xABC000, (3, 5), np.float16, (10, 2), 1, cuda.Stream.__new__(cuda.Stream))
+    a.stream.device, a.stream.handle, a.stream._owned = 1, 0, False
+    cai = a.__cuda_array_interface__
+    assert cai == {"shape": (3, 5), "typestr": "<f2", "data": (0xABC000, False), "version": 3, "strides": None,
+                   "stream": 1}
+    assert a.__dlpack_device__() == (2, 1)
+    assert a.ndim == 2 and a.size == 15 and a.nbytes == 30 and a.is_c_contiguous and len(a) == 3
+    s = cuda.Array._wrap(None, 0xABC000, (3, 4), np.float16, (20, 2), 1, a.stream)
+    assert not s.is_c_contiguous and s.__cuda_array_interface__["strides"] == (20, 2)
+    r = a.reshape(-1)
+    assert r.shape == (15,) and r.ptr == a.ptr
+    with pytest.raises(ValueError, match="C-contiguous"):
+        s.reshape(12)
+    assert cuda.describe(FakeCAI((2, 3), "<f4")) == ((2, 3), np.dtype(np.float32), (12, 4))
+    assert cuda.describe(np.zeros(3)) is None
+
+
+def test_asarray_rejects_host_arrays():
+    with pytest.raises(TypeError, match="to_device"):
+        cuda.asarray(np.zeros(3))
+    with pytest.raises(TypeError, match="expected a GPU array"):
+        cuda.asarray([1, 2, 3])
+    assert not cuda.is_device_array(np.zeros(3))
+    assert cuda.is_device_array(FakeCAI((1,)))
+
+
+def test_array_argument_checks():
+    with pytest.raises(ValueError, match="device must be"):
+        cuda.Array((2,), device=-1)
+    with pytest.raises(ValueError, match="device must be"):
+        cuda.Array((2,), device="gpu")
+    with pytest.raises(ValueError, match="shape must be non-negative"):
+        cuda.Array((2, -1))
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        cuda.Array((2,), dtype=np.complex64)
+
+
+@needs_extension
+def test_dlpack_capsules_round_trip_in_c():
+    """The DLPack ABI code (export, import, deleters) runs without a device: addresses only."""
+    from quanta import _cuda
+
+    class Owner:
+        pass
+
+    for versioned in (0, 1):
+        owner = Owner()
+        base = sys.getrefcount(owner)
+        cap = _cuda.dlpack_export(owner, 0x7000, (2, 3), (3, 1), 4, 16, 2, 1, versioned, versioned)
+        assert sys.getrefcount(owner) == base + 1
+        name = "dltensor_versioned" if versioned else "dltensor"
+        assert f'"{name}"' in repr(cap)
+        keeper, ptr, shape, strides, dtype, device, readonly = _cuda.dlpack_import(cap)
+        assert (ptr, shape, strides, dtype, device, readonly) == (0x7000, (2, 3), (3, 1), (4, 16, 1), (2, 1),
+                                                                  bool(versioned))
+        assert f'"used_{name}"' in repr(cap)
+        with pytest.raises(TypeError, match="unconsumed DLPack capsule"):
+            _cuda.dlpack_import(cap)
+        del cap
+        gc.collect()
+        assert sys.getrefcount(owner) == base + 1  # the importer's keeper holds it
+        del keeper
+        assert sys.getrefcount(owner) == base
+        # a capsule nobody consumes releases the owner when it dies
+        cap = _cuda.dlpack_export(owner, 0x7000, (4,), (1,), 2, 32, 2, 0, versioned, 0)
+        del cap
+        assert sys.getrefcount(owner) == base
+
+
+@needs_extension
+def test_binding_argument_errors():
+    from quanta import _cuda
+    with pytest.raises(TypeError, match="qmatmul takes 19 positional arguments"):
+        _cuda.qmatmul(1, 2)
+    with pytest.raises(TypeError, match="fmt must be the .* bytes of a quanta format"):
+        _cuda.qmatmul(b"x", *([0] * 18))
+    with pytest.raises(ValueError, match="ptr must be a non-negative int address"):
+        _cuda.dlpack_export(None, -1, (), (), 2, 32, 2, 0, 0, 0)
+    with pytest.raises(TypeError, match="shape and strides must be tuples"):
+        _cuda.dlpack_export(None, 0, [1], (1,), 2, 32, 2, 0, 0, 0)
+
+
+# ---- device arrays and qmatmul on a GPU ----
+
+def _x(rng, M, K, dtype):
+    return rng.standard_normal((M, K)).astype(np.float32).astype(dtype)
+
+
+def _gpu_tolerance(fmt, path):
+    return "qmatmul_gpu_fp8" if path == "fp8" else "qmatmul_gpu"
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.uint8,
+                                   np.int64])
+def test_to_device_round_trip(rng, dtype):
+    a = (rng.standard_normal((7, 13)) * 4).astype(dtype)
+    d = cuda.to_device(a)
+    assert d.shape == a.shape and d.dtype == a.dtype and d.strides == a.strides
+    np.testing.assert_array_equal(d.numpy().view(np.uint8), a.view(np.uint8))
+    e = cuda.to_device(np.zeros((0, 4), dtype))
+    assert e.numpy().shape == (0, 4)
+
+
+@gpu_test
+def test_allocator_reuses_and_releases():
+    cuda.empty_cache()
+    base = cuda.memory_stats()
+    for _ in range(50):
+        a = cuda.Array((1000, 1000), np.float32)
+        del a
+    stats = cuda.memory_stats()
+    assert stats["live"] == base["live"] and stats["cached"] >= 4_000_000
+    cuda.empty_cache()
+    assert cuda.memory_stats()["cached"] == 0
+
+
+@gpu_test
+def test_streams_order_work(rng):
+    s = cuda.Stream(0)
+    a = cuda.to_device(rng.standard_normal((64, 64)).astype(np.float32), stream=s)
+    b = a.copy()
+    s.synchronize()
+    np.testing.assert_array_equal(b.numpy(), a.numpy())
+    assert cuda.default_stream(0).handle == 0 and a.__cuda_array_interface__["stream"] == s.handle
+
+
+@gpu_test
+@pytest.mark.parametrize("fmt", QMATMUL_FORMATS)
+@pytest.mark.parametrize("M", [1, 7, 16, 64, 300])
+def test_qmatmul_gpu_vs_cpu(rng, fmt, M):
+    from quanta import reference
+    N, K = 80, 512
+    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    qt = quanta.quantize(w, fmt)
+    wd = qt.to("cuda")
+    path = cuda.qmatmul_path(wd, M)
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
+        x = _x(rng, M, K, dtype)
+        y = quanta.ops.qmatmul(cuda.to_device(x), wd).numpy()
+        assert y.dtype == np.float32 and y.shape == (M, N)
+        assert_close(y, reference.qmatmul(x, qt), _gpu_tolerance(fmt, path), f"{fmt} M={M} x {np.dtype(dtype)}")
+        assert_close(y, quanta.ops.qmatmul(x, qt), "qmatmul_float_x" if path != "fp8" else "qmatmul_gpu_fp8",
+                     f"{fmt} M={M}: GPU vs CPU")
+
+
+@gpu_test
+@pytest.mark.parametrize("fmt", ["q4_0", "q6_k", "int8", "nf4", "fp8_e4m3"])
+def test_qmatmul_paths_agree(rng, fmt):
+    from quanta import reference
+    N, K, M = 70, 768, 40
+    qt = quanta.quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), fmt)
+    wd = qt.to("cuda")
+    x = _x(rng, M, K, np.float16)
+    xd = cuda.to_device(x)
+    ref = reference.qmatmul(x, qt)
+    major, minor = cuda.devices()[0]["compute_capability"]
+    paths = ["gemv"] + (["gemm"] if major >= 8 else []) + (["fp8"] if fmt == "fp8_e4m3" and (major, minor) >= (8, 9)
+                                                           else [])
+    for p in paths:
+        y = cuda.qmatmul(xd, wd, path=p).numpy()
+        assert_close(y, ref, _gpu_tolerance(fmt, p), f"{fmt} path {p}")
+    if "fp8" not in paths:
+        with pytest.raises(NotImplementedError):
+            cuda.qmatmul(xd, wd, path="fp8")
+
+
+@gpu_test
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "q4_0"])
+def test_qmatmul_odd_shapes_strided_and_out(rng, fmt):
+    from quanta import reference
+    N, K = 37, 96 if fmt != "q4_0" else 160  # per-row formats pad K to 128
+    qt = quanta.quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), fmt)
+    wd = qt.to("cuda")
+    for M in (1, 5, 33, 129):
+        wide = _x(rng, M, K + 24, np.float16)
+        xd = cuda.to_device(wide)
+        view = cuda.Array._wrap(xd, xd.ptr, (M, K), xd.dtype, xd.strides, xd.device, xd.stream)
+        out = cuda.Array((M, N), np.float16)
+        res = quanta.ops.qmatmul(view, wd, out=out)
+        assert res is out
+        path = cuda.qmatmul_path(wd, M)
+        assert_close(out.numpy().astype(np.float32), reference.qmatmul(wide[:, :K], qt),
+                     _gpu_tolerance(fmt, path), f"{fmt} M={M}")
+    y = quanta.ops.qmatmul(cuda.to_device(_x(rng, 6, K, np.float32)).reshape(2, 3, K), wd)
+    assert y.shape == (2, 3, N)
+    assert quanta.ops.qmatmul(cuda.Array((0, K), np.float16), wd).shape == (0, N)
+
+
+@gpu_test
+def test_weights_round_trip(rng):
+    for fmt in QMATMUL_FORMATS:
+        qt = quanta.quantize(rng.standard_normal((33, 256)).astype(np.float32), fmt)
+        back = qt.to("cuda").to("cpu")
+        for a, b in zip(qt.arrays, back.arrays):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@gpu_test
+def test_dlpack_and_cai_with_torch(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    a = rng.standard_normal((5, 7)).astype(np.float32)
+    d = cuda.to_device(a)
+    t = torch.from_dlpack(d)
+    assert t.is_cuda and t.data_ptr() == d.ptr
+    np.testing.assert_array_equal(t.cpu().numpy(), a)
+    tb = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
+    q = cuda.asarray(tb)
+    assert q.dtype == ml_dtypes.bfloat16 and q.ptr == tb.data_ptr()
+    np.testing.assert_array_equal(q.numpy().view(np.uint16), tb.cpu().view(torch.int16).numpy().view(np.uint16))
+    tv = torch.randn(6, 10, device="cuda")[:, :8]
+    qv = cuda.asarray(tv)  # CAI with strides
+    assert qv.strides == (40, 4)
+    np.testing.assert_array_equal(qv.numpy(), tv.cpu().numpy())
+    qt = quanta.quantize(rng.standard_normal((24, 64)).astype(np.float32), "q8_0")
+    y = quanta.ops.qmatmul(torch.randn(3, 64, device="cuda", dtype=torch.float16), qt.to("cuda"))
+    assert y.shape == (3, 24)
+
+
+@gpu_test
+def test_dlpack_and_cai_with_cupy(rng):
+    cp = pytest.importorskip("cupy")
+    a = rng.standard_normal((5, 7)).astype(np.float32)
+    d = cuda.to_device(a)
+    np.testing.assert_array_equal(cp.asnumpy(cp.asarray(d)), a)
+    np.testing.assert_array_equal(cp.asnumpy(cp.from_dlpack(d)), a)
+    c = cp.arange(12, dtype=cp.float16).reshape(3, 4)
+    np.testing.assert_array_equal(cuda.asarray(c).numpy(), cp.asnumpy(c))
+
+
+@gpu_test
+def test_qmatmul_gpu_errors(rng):
+    qt = quanta.quantize(rng.standard_normal((16, 64)).astype(np.float32), "q4_0")
+    wd = qt.to("cuda")
+    with pytest.raises(NotImplementedError, match="FP8 path"):
+        cuda.qmatmul(cuda.to_device(_x(rng, 32, 64, np.float16)), wd, path="fp8")
+    with pytest.raises(ValueError, match="out of range"):
+        cuda.Stream(cuda.device_count())

@@ -1,6 +1,6 @@
 /* module.c — the quanta._cuda extension module: devices, versions, a toolchain self-test.
  *
- * The only C under cuda/ that touches CPython; it calls the extern "C" API of qn_cuda.h
+ * With py_arrays.c, the only C under cuda/ that touches CPython; it calls the extern "C" API of qn_cuda.h
  * with the GIL released and turns a status into an exception (QN_EINVAL -> ValueError,
  * QN_ECUDA -> RuntimeError). Without a driver or device, device_count() is 0, devices() is
  * [] and unavailable_reason() says why; only calls that need a device raise.
@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "py_arrays.h"
 #include "qn_cuda.h"
 
 static PyObject *raise_status(qn_status st) {
@@ -156,7 +157,8 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_cuda", "quanta's
 PyMODINIT_FUNC PyInit__cuda(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
-    if (PyModule_AddStringConstant(m, "ARCH_LIST", qn_cuda_built_archs()) < 0) {
+    if (PyModule_AddStringConstant(m, "ARCH_LIST", qn_cuda_built_archs()) < 0 ||
+        PyModule_AddFunctions(m, qn_py_array_methods) < 0 || qn_py_arrays_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -310,6 +310,14 @@ class QuantizedTensor:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
+    def to(self, device) -> "QuantizedTensor":
+        """"cpu": this tensor; "cuda" / "cuda:N" / N: a `quanta.cuda.CudaQuantizedTensor` holding
+        the same bytes on GPU N (copied once; ops.qmatmul on GPU arrays uses it)."""
+        if isinstance(device, str) and device.strip().lower() == "cpu":
+            return self
+        from . import cuda
+        return cuda.CudaQuantizedTensor.from_host(self, device)
+
     def dequantize(self) -> np.ndarray:
         """float32 W[N, K]: s*(q - z), s*q + m or s*lut[q], one float32 rounding each
         (for GGUF presets, equal to ``gguf.quants.dequantize`` of ``to_gguf()``)."""

@@ -27,6 +27,16 @@ def _dtype_code(op: str, name: str, a) -> int:
     return code
 
 
+def _on_gpu(x) -> bool:
+    """Whether x is GPU memory (checked without importing quanta.cuda for NumPy inputs)."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    if hasattr(x, "__dlpack_device__"):
+        from . import cuda
+        return cuda.is_device_array(x)
+    return False
+
+
 def _as_rows(op: str, x: np.ndarray, K: int) -> np.ndarray:
     """x[..., K] as a 2-D [M, K] view (1-D x is one row)."""
     if x.ndim == 0 or x.shape[-1] != K:
@@ -50,8 +60,20 @@ def qmatmul(x: np.ndarray, w: QuantizedTensor, out: Optional[np.ndarray] = None,
     formats (nf4, fp8) multiply fp32 x with the table values. Results are bitwise
     identical across kernel paths, thread counts and M.
     backend: "auto" (C kernels) or "reference" (float64 NumPy, for tests).
+
+    GPU: when x lives on a GPU (a `quanta.cuda.Array` or any CUDA array-interface / DLPack
+    object) the call runs `quanta.cuda.qmatmul` on w's device; w must have been moved once
+    with ``w.to("cuda")``. The output is then a float32 `quanta.cuda.Array` (or out=).
     """
+    if not isinstance(x, np.ndarray) and _on_gpu(x):
+        if backend != "auto":
+            raise ValueError(f"qmatmul: backend must be 'auto' for GPU arrays, got {backend!r}")
+        from . import cuda
+        return cuda.qmatmul(x, w, out=out)
     if not isinstance(w, QuantizedTensor):
+        if type(w).__name__ == "CudaQuantizedTensor":
+            raise TypeError(f"qmatmul: w lives on cuda:{w.device} but x is a {type(x).__name__}: copy x with "
+                            "quanta.cuda.to_device(x), or bring w back with w.to('cpu')")
         raise TypeError(f"qmatmul: w must be a quanta.QuantizedTensor, got {type(w).__name__}")
     xdt = _dtype_code("qmatmul", "x", x)
     N, K = w.shape
@@ -75,7 +97,18 @@ def matmul(x: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np
 
     x and w: float32, float16 or bfloat16 (may differ); x (M, K), (K,) or (..., K) with
     contiguous rows; w (N, K) with contiguous rows. out: optional float32 (M, N).
+
+    GPU: x on a GPU dispatches to `quanta.cuda.qmatmul` when w is a GPU quantized tensor
+    (``QuantizedTensor.to("cuda")``); float weights on the GPU are not implemented
+    (NotImplementedError): quantize them, e.g. to int8 or fp8_e4m3.
     """
+    if not isinstance(x, np.ndarray) and _on_gpu(x):
+        if type(w).__name__ == "CudaQuantizedTensor" or isinstance(w, QuantizedTensor):
+            from . import cuda
+            return cuda.qmatmul(x, w, out=out)
+        raise NotImplementedError("matmul: float weights on the GPU are not implemented; quantize w "
+                                  "(quanta.quantize(w, 'int8') or 'fp8_e4m3'), move it with .to('cuda') and "
+                                  "call qmatmul")
     xdt = _dtype_code("matmul", "x", x)
     wdt = _dtype_code("matmul", "w", w)
     if w.ndim != 2:
