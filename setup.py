@@ -6,8 +6,9 @@ without it; the dispatch table picks a path at import.
 
 quanta._cuda: cuda/*.cu through nvcc, cuda/py/*.c and csrc/qn_common.c through gcc, linked
 with the static CUDA runtime (the wheel needs only the driver). QUANTA_CUDA=auto (default)
-builds it when nvcc is found and goes on CPU-only if that build fails; QUANTA_CUDA=1 requires
-it; QUANTA_CUDA=0 skips it. nvcc is $CUDA_HOME/bin/nvcc, else the one on PATH, else
+builds it when nvcc is found and this machine has an NVIDIA driver, and goes on CPU-only if
+that build fails; QUANTA_CUDA=1 requires it (e.g. to build on a machine without a GPU, as CI
+does to compile-check the CUDA sources); QUANTA_CUDA=0 skips it. nvcc is $CUDA_HOME/bin/nvcc, else the one on PATH, else
 /usr/local/cuda/bin/nvcc. QUANTA_CUDA_ARCHS="80;86;89;90" (the default, less what this nvcc
 lacks) lists the SASS targets; PTX for the newest also goes in, for later GPUs.
 """
@@ -67,8 +68,15 @@ def cuda_mode():
     sys.exit(f"QUANTA_CUDA must be auto, 0 or 1, got {raw!r}")
 
 
+def nvidia_driver_present():
+    """Whether this machine has an NVIDIA driver (a GPU the build could serve)."""
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
 def find_nvcc(mode):
     if mode == "0":
+        return None
+    if mode == "auto" and not nvidia_driver_present():
         return None
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = [home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc"),
@@ -267,6 +275,8 @@ if nvcc:
     ext_modules.append(cuda_ext)
 elif cuda_sources and CUDA_MODE == "0":
     print("quanta._cuda: skipped (QUANTA_CUDA=0)")
+elif cuda_sources and not nvidia_driver_present():
+    print("quanta._cuda: skipped, no NVIDIA driver on this machine (QUANTA_CUDA=1 builds it anyway)")
 elif cuda_sources:
     print("quanta._cuda: skipped, nvcc not found (put it on PATH or set CUDA_HOME; "
           "QUANTA_CUDA=1 makes this an error)")
