@@ -4,6 +4,7 @@
 #define QN_DISPATCH_H
 
 #include "cpu_features.h"
+#include "kernels/act.h"
 #include "kernels/attention.h"
 #include "kernels/qmatmul.h"
 #include "kernels/matmul.h"
@@ -24,6 +25,7 @@ typedef struct qn_dispatch {
     qn_mm_tile_fn mm_gemm;         /* float matmul, packed GEMM tiles */
     qn_mm_cvt_fn mm_cvt;           /* fp16 / bf16 rows to fp32 */
     qn_attn_tile_fn attn_tile;     /* attention, one query tile x key tile */
+    qn_gelu_mul_fn gelu_mul;       /* gelu_tanh(gate) * up, one slice */
 } qn_dispatch;
 
 extern qn_dispatch qn_kernels;

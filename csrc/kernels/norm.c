@@ -1,9 +1,10 @@
 /* norm.c — RMSNorm y[M, N] = v / sqrt(mean(v^2) + eps) * w[N], optionally after the residual
  * add res[M, N] += x, and the elementwise add y = a + b.
  *
- * Rows are independent: `omp parallel for` over rows, one thread per row, a fixed order of
- * operations inside a row (sums of squares in double), so results do not depend on the
- * thread count. Plain C the compiler vectorizes for the baseline ISA.
+ * Rows are independent: `omp parallel for` over rows (a team only for several rows and enough
+ * work), one thread per row, a fixed order of operations inside a row (sums of squares in
+ * double), so results do not depend on the thread count. Plain C the compiler vectorizes for
+ * the baseline ISA.
  */
 #include "norm.h"
 
@@ -23,7 +24,8 @@ qn_status qn_rmsnorm(float *QN_RESTRICT y, float *res, const void *x, int xdtype
         return qn_set_error(QN_EINVAL, "rmsnorm: bad arguments M=%lld N=%lld dtype=%d eps=%g", (long long)M,
                             (long long)N, xdtype, (double)eps);
     const int xs = xdtype == 0 ? 4 : 2;
-#pragma omp parallel for schedule(static)
+    /* a decode step's few rows are cheaper than waking the team */
+#pragma omp parallel for schedule(static) if (M > 1 && M * N >= 16384)
     for (int64_t m = 0; m < M; m++) {
         const void *xr = (const char *)x + m * N * xs;
         float *yr = y + m * N;

@@ -4,7 +4,7 @@
  * positions in the millions), c = mscale cos a, s = mscale sin a, and the pair (x1, x2) ->
  * (x1 c - x2 s, x1 s + x2 c); pairs (2i, 2i + 1) interleaved or (i, i + rot / 2) NeoX.
  * cos / sin are computed once per token into a stack buffer (rot <= QN_ROPE_MAX_ROT) and
- * applied to every head; `omp parallel for` over tokens.
+ * applied to every head; `omp parallel for` over tokens (a team only for several tokens).
  */
 #include "rope.h"
 
@@ -18,7 +18,7 @@ qn_status qn_rope(float *x, const int32_t *pos, const double *inv_freq, int64_t 
         return qn_set_error(QN_EINVAL, "rope: bad sizes T=%lld heads=%lld D=%lld rotary_dim=%lld (even, <= D, <= %d)",
                             (long long)T, (long long)nh, (long long)D, (long long)rot, QN_ROPE_MAX_ROT);
     const int64_t half = rot / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T > 1 && T * nh * half >= 4096)
     for (int64_t t = 0; t < T; t++) {
         float c[QN_ROPE_MAX_ROT / 2], s[QN_ROPE_MAX_ROT / 2];
         for (int64_t i = 0; i < half; i++) {
