@@ -1,5 +1,5 @@
-"""RMSNorm (with the fused residual add), add, silu_mul and RoPE (NeoX / interleaved, linear,
-Llama-3 and YaRN frequencies) against the float64 reference."""
+"""RMSNorm (with the fused residual add), add, silu_mul, gelu_mul and RoPE (NeoX / interleaved,
+linear, Llama-3 and YaRN frequencies) against the float64 reference."""
 import math
 
 import ml_dtypes
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import quanta
+from quanta import _C
 from quanta import reference as R
 from tolerances import assert_close
 
@@ -89,6 +90,55 @@ def test_silu_mul(rng, dtype):
         quanta.ops.silu_mul(g, u.astype(np.float64))
     with pytest.raises(ValueError, match="same shape"):
         quanta.ops.silu_mul(g, u[:, :10].copy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("shape", [(9, 1000), (1, 1), (3, 17), (0, 5), (1, 4099)])
+def test_gelu_mul(rng, isa, dtype, shape):
+    g = (rng.standard_normal(shape) * 4).astype(dtype)
+    u = rng.standard_normal(shape).astype(dtype)
+    if g.size >= 6:
+        g.flat[:6] = [-1e4, 1e4, 0, -90, 90, -5] if dtype != np.float16 else [-6e4, 6e4, 0, -90, 90, -5]
+    g0, u0 = g.copy(), u.copy()
+    y = quanta.ops.gelu_mul(g, u)
+    assert y.dtype == np.float32 and y.shape == shape and np.all(np.isfinite(y))
+    np.testing.assert_array_equal(g.view(np.uint8), g0.view(np.uint8))
+    np.testing.assert_array_equal(u.view(np.uint8), u0.view(np.uint8))
+    assert_close(y, R.gelu_mul(g, u), "gelu_mul", f"gelu_mul {isa} {np.dtype(dtype)} {shape}")
+    _C._set_isa("ref")
+    np.testing.assert_array_equal(quanta.ops.gelu_mul(g, u), y)  # every path gives _ref's bits
+
+
+def test_gelu_mul_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    g = (rng.standard_normal(5000) * 3).astype(np.float32)
+    u = rng.standard_normal(5000).astype(np.float32)
+    want = (torch.nn.functional.gelu(torch.from_numpy(g), approximate="tanh") * torch.from_numpy(u)).numpy()
+    assert_close(quanta.ops.gelu_mul(g, u), want, "gelu_mul", "gelu_mul vs torch gelu(approximate='tanh')")
+
+
+def test_gelu_mul_out_and_errors(rng):
+    g = rng.standard_normal((4, 33)).astype(np.float32)
+    u = rng.standard_normal((4, 33)).astype(np.float32)
+    want = quanta.ops.gelu_mul(g, u)
+    out = np.empty_like(g)
+    assert quanta.ops.gelu_mul(g, u, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    assert quanta.ops.gelu_mul(g, u, out=g) is g  # in place on the gate
+    np.testing.assert_array_equal(g, want)
+    with pytest.raises(TypeError, match="up must have gate's dtype"):
+        quanta.ops.gelu_mul(g, u.astype(np.float16))
+    with pytest.raises(TypeError, match="gate"):
+        quanta.ops.gelu_mul(g.astype(np.float64), u)
+    with pytest.raises(ValueError, match="same shape"):
+        quanta.ops.gelu_mul(g, u[:, :10].copy())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        quanta.ops.gelu_mul(g[:, ::2], u[:, ::2])
+    with pytest.raises(ValueError, match="out"):
+        quanta.ops.gelu_mul(g, u, out=np.empty((4, 32), np.float32))
+    flat = np.zeros(200, np.float32)
+    with pytest.raises(ValueError, match="gelu_mul: out must be gate, up, or not overlap them"):
+        quanta._C.gelu_mul(flat[:100], flat[50:150].copy(), 0, flat[1:101])
 
 
 SCALINGS = [None, {"rope_type": "linear", "factor": 2.0},

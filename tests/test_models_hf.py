@@ -6,12 +6,14 @@ quanta.load. Checked: prefill logits (normalized MSE <= 1e-6), decode over the p
 (teacher-forced logits, and greedy ids against transformers' generate), batched generation
 against each prompt alone, fused-expert and sharded checkpoints, transformers 4.x config
 keys, q8_0 weights, float16 / bfloat16 / int8 / fp8 KV caches, and the warning or error
-when config.json and the tensors disagree.
+when config.json and the tensors disagree. Gemma 3 also: the multimodal checkpoint layout,
+configs before layer_types, a final logit softcap, and bfloat16 embedding scaling.
 """
 import json
 import os
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -22,6 +24,7 @@ import quanta  # noqa: E402
 from quanta.kv_cache import KVCache  # noqa: E402
 
 VOCAB = 300
+BF16 = np.dtype(ml_dtypes.bfloat16)
 NMSE_FLOAT = 1e-6
 IDS = [int(t) for t in np.random.default_rng(7).integers(0, VOCAB, 32)]
 
@@ -51,6 +54,15 @@ SPECS = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_experts=6, moe_intermediate_size=32, norm_topk_prob=True,
                                          mlp_only_layers=[0])),
     "olmoe": ("OlmoeConfig", dict(_MOE, num_experts=4, intermediate_size=64, norm_topk_prob=False)),
+    # local layers (window 8, theta 1e4) and a global one (theta 1e6, linear factor 8), and a
+    # softmax scale 1 / sqrt(24) that is not 1 / sqrt(head_dim)
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=24, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                         "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0)})),
+    "gemma3_softcap": ("Gemma3TextConfig", dict(sliding_window=8, sliding_window_pattern=2,
+                                                final_logit_softcapping=3.0)),
 }
 
 
@@ -163,6 +175,12 @@ def test_config_read(pair):
         assert c.layer_windows == [8, 8]
     elif pair.name == "qwen2_swa":
         assert c.layer_windows == [None, 8]
+    elif pair.name == "gemma3":
+        assert c.layer_windows == [8, 8, None]
+        assert (c.rope_local_theta, c.rope_theta, c.rope_scaling["factor"]) == (10000.0, 1e6, 8.0)
+        assert c.attn_scale == pytest.approx(24 ** -0.5) and c.embed_scale == 8.0
+    elif pair.name == "gemma3_softcap":
+        assert c.layer_windows == [8, None] and c.final_softcap == 3.0
     else:
         assert c.layer_windows == [None] * c.n_layers
     assert c.qkv_bias == (pair.name in ("qwen2", "qwen2_swa", "qwen2_moe", "llama_bias"))
@@ -321,3 +339,84 @@ def test_config_contradicting_the_weights_raises(pairs, tmp_path):
     path = _copy_with_config(pairs("qwen2_moe").path, tmp_path, mlp_only_layers=[1, 2])
     with pytest.raises(ValueError, match="no tensor for '1.gate'"):
         quanta.load(path, progress=False)
+
+
+# ---- Gemma 3 ----------------------------------------------------------------------------------
+
+def test_gemma3_runs_op_by_op(pairs):
+    """The fused decode step runs Llama-style blocks only; Gemma's blocks go op by op."""
+    qm = pairs("gemma3").qm
+    assert not qm.config.llama_block and qm.decoder._plan is None
+    assert pairs("llama").qm.decoder._plan is not None
+
+
+def test_gemma3_multimodal_checkpoint(pairs, tmp_path):
+    """A Gemma3ForConditionalGeneration folder: model_type gemma3 with the text model's config
+    in text_config (only what differs from the defaults), tensors under
+    model.language_model.*, and image-encoder tensors the text decoder does not read."""
+    from safetensors.numpy import load_file, save_file
+    pr = pairs("gemma3")
+    sd = load_file(os.path.join(pr.path, "model.safetensors"))
+    sd = {k.replace("model.", "model.language_model.", 1): v for k, v in sd.items()}
+    sd["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3, 2), np.float32)
+    sd["model.multi_modal_projector.mm_input_projection_weight"] = np.zeros((4, 64), np.float32)
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    text = json.loads(open(os.path.join(pr.path, "config.json")).read())
+    for k, v in dict(rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", attention_bias=False).items():
+        assert text.pop(k) == v  # Gemma3TextConfig's defaults, left to the reader
+    cfg = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
+           "vision_config": {"model_type": "siglip_vision_model"}, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qm = quanta.load(str(tmp_path), progress=False)
+    assert nmse(qm.forward(IDS), pr.ref_logits) <= NMSE_FLOAT
+
+
+def test_gemma3_legacy_config(pairs, tmp_path):
+    """config.json as transformers 4.x wrote Gemma 3: rope_theta, rope_local_base_freq and
+    rope_scaling at the top, and a sliding_window_pattern instead of layer_types."""
+    pr = pairs("gemma3")
+    drop = ["rope_parameters", "layer_types", "_sliding_window_pattern"]
+    path = _copy_with_config(pr.path, tmp_path, drop=drop, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
+                             sliding_window_pattern=3, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    qm = quanta.load(path, progress=False)
+    assert qm.config.layer_windows == [8, 8, None]
+    assert nmse(qm.forward(IDS), pr.ref_logits) <= NMSE_FLOAT
+
+
+@pytest.mark.parametrize("change, match", [(dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+                                           (dict(hidden_activation="gelu"), "hidden_activation"),
+                                           (dict(use_bidirectional_attention=True), "bidirectional")])
+def test_gemma3_unsupported_config_raises(pairs, tmp_path, change, match):
+    path = _copy_with_config(pairs("gemma3").path, tmp_path, **change)
+    with pytest.raises(quanta.models.ConfigError, match=match):
+        quanta.load(path, progress=False)
+
+
+def test_gemma3_save_and_reload(pairs, tmp_path):
+    """A quanta model file keeps Gemma's fields and its norms (stored as the multiplier 1 + w)."""
+    pr = pairs("gemma3")
+    dst = str(tmp_path / "gemma3.safetensors")
+    quanta.models.save_model(pr.path, dst, None, progress=False)
+    qm = quanta.load(dst, progress=False)
+    assert qm.config == pr.qm.config
+    assert nmse(qm.forward(IDS), pr.ref_logits) <= NMSE_FLOAT
+
+
+def test_gemma3_bfloat16_embedding_scale():
+    """A bfloat16 table is scaled as transformers does: by sqrt(D) rounded to bfloat16, the
+    product rounded to bfloat16 (sqrt(40) = 6.32 becomes 6.3125)."""
+    from quanta.models.layers import Embedding
+    emb = transformers.models.gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding(50, 40, None, 40 ** 0.5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        emb.weight.normal_()
+    emb = emb.to(torch.bfloat16)
+    ids = np.array([0, 7, 49, 7], np.int64)
+    with torch.no_grad():
+        want = emb(torch.from_numpy(ids)).float().numpy()
+    table = emb.weight.detach().float().numpy().astype(BF16)
+    np.testing.assert_array_equal(Embedding(table, 40 ** 0.5)(ids), want)
+    np.testing.assert_array_equal(Embedding(table.astype(np.float32), 40 ** 0.5)(ids),
+                                  table[ids].astype(np.float32) * np.float32(40 ** 0.5))

@@ -74,6 +74,7 @@ PyObject *qn_py_paged_attention(PyObject *self, PyObject *const *args, Py_ssize_
 PyObject *qn_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_gelu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_moe_route(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_moe(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

@@ -100,6 +100,8 @@ static PyMethodDef methods[] = {
     {"add", (PyCFunction)(void (*)(void))qn_py_add, METH_FASTCALL, "add(a[n], adtype, b[n], bdtype, out) -> out[n]"},
     {"silu_mul", (PyCFunction)(void (*)(void))qn_py_silu_mul, METH_FASTCALL,
      "silu_mul(gate[n], up[n], dtype, out) -> out[n]"},
+    {"gelu_mul", (PyCFunction)(void (*)(void))qn_py_gelu_mul, METH_FASTCALL,
+     "gelu_mul(gate[n], up[n], dtype, out) -> out[n]: gelu_tanh(gate) * up"},
     {"rope", (PyCFunction)(void (*)(void))qn_py_rope, METH_FASTCALL,
      "rope(x[T, nh, D], positions[T], inv_freq[rot / 2], mscale, neox) (in place)"},
     {"moe_route", (PyCFunction)(void (*)(void))qn_py_moe_route, METH_FASTCALL,

@@ -1,5 +1,5 @@
 /* py_layers.c — binding for the elementwise layer kernels: rmsnorm (with the fused residual
- * add), add, silu_mul and rope. Positional arguments (METH_FASTCALL); quanta.ops flattens
+ * add), add, silu_mul, gelu_mul and rope. Positional arguments (METH_FASTCALL); quanta.ops flattens
  * shapes and supplies defaults; every array is validated here and the GIL is released
  * around each kernel. */
 #include "args.h"
@@ -110,10 +110,10 @@ PyObject *qn_py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return (PyObject *)out;
 }
 
-/* silu_mul(gate[n], up[n], dtype, out) -> out */
-PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    const char *op = "silu_mul";
+typedef qn_status (*act_mul_fn)(float *, const void *, const void *, int, int64_t);
+
+/* act(gate[n], up[n], dtype, out) -> out for the gated activations (silu_mul, gelu_mul) */
+static PyObject *act_mul(const char *op, act_mul_fn fn, PyObject *const *args, Py_ssize_t nargs) {
     if (qn_py_check_nargs(op, nargs, 4)) return NULL;
     int dt;
     if (get_code(args[2], op, "gate", &dt)) return NULL;
@@ -137,10 +137,22 @@ PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     const void *gp = PyArray_DATA(g), *up = PyArray_DATA(u);
     int64_t n = PyArray_DIM(g, 0);
     Py_BEGIN_ALLOW_THREADS
-    st = qn_silu_mul_any(y, gp, up, dt, n);
+    st = fn(y, gp, up, dt, n);
     Py_END_ALLOW_THREADS
     if (st) { Py_DECREF(out); return qn_raise_status(st); }
     return (PyObject *)out;
+}
+
+/* silu_mul(gate[n], up[n], dtype, out) -> out */
+PyObject *qn_py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return act_mul("silu_mul", qn_silu_mul_any, args, nargs);
+}
+
+/* gelu_mul(gate[n], up[n], dtype, out) -> out: gelu_tanh(gate) * up */
+PyObject *qn_py_gelu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return act_mul("gelu_mul", qn_gelu_tanh_mul_any, args, nargs);
 }
 
 /* rope(x[T, nh, D] float32, positions[T] int32, inv_freq[rot / 2] float64, mscale, neox): in place */

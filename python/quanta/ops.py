@@ -232,7 +232,7 @@ def paged_attention(q: np.ndarray, cache, layer: int, block_tables: np.ndarray, 
                               0.0 if softcap is None else float(softcap), out, -1 if window is None else int(window))
 
 
-# ---- elementwise layer kernels: RMSNorm, residual add, SiLU-gated product, RoPE ----
+# ---- elementwise layer kernels: RMSNorm, residual add, SiLU- and GELU-gated products, RoPE ----
 
 def _rows(op: str, name: str, a: np.ndarray) -> np.ndarray:
     if a.ndim == 0:
@@ -293,6 +293,23 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, out: Optional[np.ndarray] = None)
     if udt != dt:
         raise TypeError(f"silu_mul: up must have gate's dtype {gate.dtype}, got {up.dtype}")
     y = _C.silu_mul(gate.reshape(-1), up.reshape(-1), dt, None if out is None else out.reshape(-1))
+    return out if out is not None else y.reshape(gate.shape)
+
+
+def gelu_mul(gate: np.ndarray, up: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """GeGLU's product gelu_tanh(gate) * up, with GELU in its tanh form (PyTorch's
+    gelu(approximate="tanh"), Gemma's gelu_pytorch_tanh):
+    gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), computed as the equal
+    g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))) in float32.
+
+    gate, up: [..., F] of one dtype (float32, float16, bfloat16), C-contiguous.
+    out: optional float32 [..., F], C-contiguous; may be gate or up itself when they are
+    float32. Returns float32 [..., F].
+    """
+    dt, udt = _elementwise_pair("gelu_mul", "gate", gate, "up", up, out)
+    if udt != dt:
+        raise TypeError(f"gelu_mul: up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    y = _C.gelu_mul(gate.reshape(-1), up.reshape(-1), dt, None if out is None else out.reshape(-1))
     return out if out is not None else y.reshape(gate.shape)
 
 

@@ -233,12 +233,14 @@ def _meta_str(md: Mapping[str, Any], key: str) -> str | None:
 # Building a tokenizers.Tokenizer from a GGUF vocabulary
 # ---------------------------------------------------------------------------------------------
 def _vocab_dict(tokens: list[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if t in vocab:
-            raise _key_error("tokenizer.ggml.tokens",
-                             f"token {t!r} appears twice (ids {vocab[t]} and {i})")
-        vocab[t] = i
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):  # a token appears twice: name the first repeat
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if t in seen:
+                raise _key_error("tokenizer.ggml.tokens",
+                                 f"token {t!r} appears twice (ids {seen[t]} and {i})")
+            seen[t] = i
     return vocab
 
 
@@ -319,15 +321,18 @@ def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarr
     BPE give every piece its own score, so this only matters for hand-made ones."""
     mergeable = (np.ones(len(tokens), bool) if types is None
                  else np.isin(types, (_NORMAL, _USER_DEFINED)))
-    ranked = []
-    for i, t in enumerate(tokens):
-        if not mergeable[i] or len(t) < 2:
-            continue
+    # the pieces in rank order (score descending, then id): their splits come out ranked
+    order = np.lexsort((np.arange(len(tokens)), -np.asarray(scores, np.float64)))
+    merges = []
+    for i in order[mergeable[order]].tolist():
+        t = tokens[i]
         for cut in range(1, len(t)):
-            if t[:cut] in vocab and t[cut:] in vocab:
-                ranked.append((-scores[i], i, cut))
-    ranked.sort()
-    return [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
+            a = t[:cut]
+            if a in vocab:
+                b = t[cut:]
+                if b in vocab:
+                    merges.append((a, b))
+    return merges
 
 
 def _sentencepiece_backend(md: Mapping[str, Any], tokens: list[str], types: np.ndarray | None,

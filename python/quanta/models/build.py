@@ -75,7 +75,8 @@ def build_decoder(cfg: ModelConfig, tensors: Dict[str, object], quant=None, prog
         else:
             mlp = DenseMLP(cfg, i, mat(p + "gate"), mat(p + "up"), mat(p + "down"),
                            *(vec(p + n, False) for n in ("gate_bias", "up_bias", "down_bias")))
-        blocks.append(Block(vec(p + "attn_norm", size=D), attn, vec(p + "ffn_norm", size=D), mlp))
+        post = [vec(p + n, size=D) for n in ("post_attn_norm", "post_ffn_norm")] if cfg.post_norms else []
+        blocks.append(Block(vec(p + "attn_norm", size=D), attn, vec(p + "ffn_norm", size=D), mlp, *post))
     embed_raw = raw("embed")
     head_raw = tensors.get("lm_head")
     tied = head_raw is None
@@ -104,4 +105,4 @@ def build_decoder(cfg: ModelConfig, tensors: Dict[str, object], quant=None, prog
     if unused:  # e.g. expert weights in a layer the configuration makes dense
         warnings.warn(f"{len(unused)} tensors of the model file are not used by the {cfg.arch} "
                       f"configuration, e.g. {unused[:3]}")
-    return Decoder(cfg, Embedding(embed), blocks, norm, Linear(head))
+    return Decoder(cfg, Embedding(embed, cfg.embed_scale), blocks, norm, Linear(head))

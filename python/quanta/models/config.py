@@ -3,8 +3,9 @@ config.json or from GGUF metadata.
 
 Architectures: Llama 2/3 (llama3 rope scaling), Mistral (sliding window), Qwen2/2.5 (qkv
 bias), Qwen3 (q/k norm), Mixtral, Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE,
-OLMoE (q/k norm over the whole projection). Both layouts of rope parameters are read:
-top-level ``rope_theta`` / ``rope_scaling`` and the newer ``rope_parameters``.
+OLMoE (q/k norm over the whole projection), Gemma 3 text (GeGLU, sandwich norms, scaled
+embeddings, local / global layers with their own rope theta). Both layouts of rope parameters
+are read: top-level ``rope_theta`` / ``rope_scaling`` and the newer ``rope_parameters``.
 """
 from __future__ import annotations
 
@@ -15,11 +16,24 @@ from typing import List, Optional
 
 # Hugging Face model_type / GGUF general.architecture -> our architecture name
 _HF_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
-             "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe"}
+             "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe", "gemma3_text": "gemma3",
+             "gemma3": "gemma3"}
 _GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+               "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gemma3": "gemma3"}
 ARCHITECTURES = tuple(sorted(set(_HF_TYPES.values())))
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MLP_ACTS = ("silu", "gelu_tanh")
+
+# Gemma3TextConfig's defaults: the text_config of multimodal Gemma 3 checkpoints states only
+# what differs from them.
+_GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                        max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=4096,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1)
+# GELU in its tanh form under Hugging Face's names (gelu_new and gelu_fast are the same formula)
+_GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+_GEMMA3_PATTERN = 6  # every 6th layer global when no layer types are listed (HF's and llama.cpp's default)
 
 
 class ConfigError(ValueError):
@@ -57,6 +71,13 @@ class ModelConfig:
     moe_layers: List[bool] = field(default_factory=list)               # per layer: MoE block or dense MLP
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[object] = None
+    # Gemma 3
+    mlp_act: str = "silu"               # dense MLP gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    post_norms: bool = False            # sandwich norms: sublayer outputs RMS-normed before the residual add
+    embed_scale: float = 1.0            # token embeddings times this (Gemma: sqrt(hidden_size))
+    attn_scale: Optional[float] = None  # softmax scale of q.k; None: 1 / sqrt(head_dim)
+    rope_local_theta: Optional[float] = None  # theta of the sliding-window layers, unscaled; None: as global
+    final_softcap: Optional[float] = None     # logits -> c * tanh(logits / c)
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -104,10 +125,28 @@ class ModelConfig:
             raise ConfigError(f"config: {len(self.moe_layers)} MoE layer flags for {self.n_layers} layers")
         if any(not m for m in self.moe_layers) and self.intermediate_size <= 0:
             raise ConfigError("config: dense layers need intermediate_size > 0")
+        if self.mlp_act not in MLP_ACTS:
+            raise ConfigError(f"config: mlp_act must be one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
+        if self.mlp_act != "silu" and self.is_moe:
+            raise ConfigError(f"config: MoE layers run SwiGLU experts; mlp_act {self.mlp_act!r} needs dense "
+                              "layers")
+        if not (self.embed_scale > 0 and math.isfinite(self.embed_scale)):
+            raise ConfigError(f"config: embed_scale must be > 0, got {self.embed_scale!r}")
+        for name in ("attn_scale", "rope_local_theta", "final_softcap"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"config: {name} must be > 0 or null, got {v!r}")
 
     @property
     def is_moe(self) -> bool:
         return any(self.moe_layers)
+
+    @property
+    def llama_block(self) -> bool:
+        """Every block is the Llama-style one the fused C decode step runs: pre-norm only, SiLU
+        MLP, one rope for all layers, no logit softcap."""
+        return (self.mlp_act == "silu" and not self.post_norms and self.final_softcap is None
+                and (self.rope_local_theta is None or all(w is None for w in self.layer_windows)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,6 +198,51 @@ def _rope_from_hf(cfg: dict):
     return _num(theta, "rope_theta"), scaling
 
 
+def _gemma3_text_config(cfg: dict) -> dict:
+    """The text decoder's config of a Gemma 3 checkpoint (gemma3_text, or the text_config of a
+    multimodal gemma3 one, token ids taken from the outer config) over Gemma3TextConfig's
+    defaults."""
+    if cfg.get("model_type") == "gemma3":
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("config.json: a gemma3 config needs a text_config object")
+        outer = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in cfg}
+        cfg = dict(outer, **text)
+    return dict(_GEMMA3_DEFAULTS, **cfg)
+
+
+def _gemma3_local_theta(cfg: dict) -> float:
+    """Rope theta of Gemma 3's sliding-window layers (never scaled)."""
+    params = cfg.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if isinstance(local, dict):
+        kind = local.get("rope_type", local.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ConfigError(f"config: unsupported rope scaling {kind!r} on the sliding-window layers")
+        if local.get("rope_theta") is not None:
+            return _num(local["rope_theta"], "rope_theta")
+    return _num(cfg.get("rope_local_base_freq", 10000.0), "rope_local_base_freq")
+
+
+def _gemma3_hf(cfg: dict, hidden: int) -> dict:
+    """ModelConfig fields particular to Gemma 3, from its (defaulted) text config."""
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError("config: use_bidirectional_attention is not supported (quanta runs causal "
+                          "decoders)")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise ConfigError("config: attn_logit_softcapping is not supported for gemma3 (transformers' Gemma 3 "
+                          "attention does not apply it)")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if act not in _GELU_TANH_NAMES:
+        raise ConfigError(f"config: gemma3 hidden_activation {act!r} is not supported "
+                          f"({', '.join(_GELU_TANH_NAMES)})")
+    cap = cfg.get("final_logit_softcapping")
+    return dict(mlp_act="gelu_tanh", post_norms=True, embed_scale=hidden ** 0.5,
+                attn_scale=_num(cfg.get("query_pre_attn_scalar"), "query_pre_attn_scalar") ** -0.5,
+                rope_local_theta=_gemma3_local_theta(cfg),
+                final_softcap=None if cap is None else _num(cap, "final_logit_softcapping"))
+
+
 def from_hf(cfg: dict) -> ModelConfig:
     """ModelConfig from a parsed Hugging Face config.json."""
     if not isinstance(cfg, dict):
@@ -167,13 +251,16 @@ def from_hf(cfg: dict) -> ModelConfig:
     arch = _HF_TYPES.get(mt)
     if arch is None:
         raise ConfigError(f"config.json: unsupported model_type {mt!r}; supported: {', '.join(sorted(_HF_TYPES))}")
+    if arch == "gemma3":
+        cfg = _gemma3_text_config(cfg)
     hidden = _int(_get(cfg, "hidden_size"), "hidden_size")
     n_heads = _int(_get(cfg, "num_attention_heads"), "num_attention_heads")
     n_kv = _int(_get(cfg, "num_key_value_heads", default=n_heads), "num_key_value_heads")
     head_dim = cfg.get("head_dim") or (hidden // n_heads if n_heads else 0)
     theta, scaling = _rope_from_hf(cfg)
     n_layers = _int(_get(cfg, "num_hidden_layers"), "num_hidden_layers")
-    window = cfg.get("sliding_window") if arch in ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe") else None
+    swa_archs = ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma3")
+    window = cfg.get("sliding_window") if arch in swa_archs else None
     if arch.startswith("qwen") and not cfg.get("use_sliding_window", False):
         window = None
     layer_windows = [window] * n_layers
@@ -184,6 +271,10 @@ def from_hf(cfg: dict) -> ModelConfig:
     lt = cfg.get("layer_types")
     if isinstance(lt, list) and len(lt) == n_layers:
         layer_windows = [window if t == "sliding_attention" else None for t in lt]
+    elif arch == "gemma3":  # configs before layer_types: every pattern-th layer global
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or _GEMMA3_PATTERN
+        pattern = _int(pattern, "sliding_window_pattern")
+        layer_windows = [window if (i + 1) % pattern else None for i in range(n_layers)]
     kw = dict(arch=arch, vocab_size=_int(_get(cfg, "vocab_size"), "vocab_size"), hidden_size=hidden,
               n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=_int(head_dim, "head_dim"),
               intermediate_size=_int(cfg.get("intermediate_size") or 0, "intermediate_size"),
@@ -194,8 +285,10 @@ def from_hf(cfg: dict) -> ModelConfig:
               layer_windows=[None if w is None else _int(w, "sliding_window") for w in layer_windows],
               qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
               or bool(cfg.get("attention_bias", False)),
-              qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(arch),
+              qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3": "head"}.get(arch),
               bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+    if arch == "gemma3":
+        kw.update(_gemma3_hf(cfg, hidden))
     prf = cfg.get("partial_rotary_factor")
     if prf is not None:
         kw["rotary_dim"] = int(kw["head_dim"] * _num(prf, "partial_rotary_factor")) // 2 * 2
@@ -215,6 +308,31 @@ def from_hf(cfg: dict) -> ModelConfig:
             only = cfg.get("mlp_only_layers") or []
             kw["moe_layers"] = [(i not in only) and step > 0 and (i + 1) % step == 0 for i in range(n_layers)]
     return ModelConfig(**kw)
+
+
+def _gemma3_gguf(md: dict, ga: str, kw: dict) -> dict:
+    """ModelConfig fields particular to Gemma 3 from GGUF metadata, read as llama.cpp does:
+    the sliding layers follow a pattern of 6 (every 6th layer global) unless the file lists
+    them, their rope theta is 10000 unless rope.freq_base_swa says otherwise, and the softmax
+    scale is 1 / sqrt(head_dim) except for the 27B model (62 layers), whose
+    query_pre_attn_scalar is hidden_size / heads."""
+    n, window = kw["n_layers"], kw["sliding_window"]
+    pattern = md.get(f"{ga}.attention.sliding_window_pattern", _GEMMA3_PATTERN)
+    if window is None:
+        windows = [None] * n
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        windows = [window if (i + 1) % pattern else None for i in range(n)]
+    elif not isinstance(pattern, (int, str)) and len(pattern) == n:
+        windows = [window if bool(p) else None for p in pattern]
+    else:
+        raise ConfigError(f"GGUF: {ga}.attention.sliding_window_pattern must be a positive int or {n} flags, "
+                          f"got {str(pattern)[:80]}")
+    scalar = kw["hidden_size"] // kw["n_heads"] if n == 62 else kw["head_dim"]
+    cap = md.get(f"{ga}.final_logit_softcapping")
+    return dict(layer_windows=windows, mlp_act="gelu_tanh", post_norms=True,
+                embed_scale=kw["hidden_size"] ** 0.5, attn_scale=scalar ** -0.5,
+                rope_local_theta=_num(md.get(f"{ga}.rope.freq_base_swa", 10000.0), "rope.freq_base_swa"),
+                final_softcap=None if not cap else _num(cap, "final_logit_softcapping"))
 
 
 def from_gguf(md: dict) -> ModelConfig:
@@ -267,8 +385,10 @@ def from_gguf(md: dict) -> ModelConfig:
               max_position=_int(g("context_length", 4096), "context_length"),
               sliding_window=None if window in (None, 0) else _int(window, "sliding_window"),
               qkv_bias=arch in ("qwen2", "qwen2_moe"),
-              qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(arch),
+              qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3": "head"}.get(arch),
               bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"))
+    if arch == "gemma3":
+        kw.update(_gemma3_gguf(md, ga, kw))
     n_exp = g("expert_count", 0)
     if n_exp:
         if arch == "llama":

@@ -1,5 +1,6 @@
-"""The decoder-only transformer: pre-norm attention and MLP (dense SwiGLU or a Mixture of
-Experts) blocks over a float32 residual stream, on the quanta kernels.
+"""The decoder-only transformer: pre-norm attention and MLP (dense SwiGLU / GeGLU or a Mixture
+of Experts) blocks, optionally with Gemma's post-norms, over a float32 residual stream, on the
+quanta kernels.
 
 Two ways through it, sharing every layer:
   prefill  T tokens of one or more sequences (concatenated, ``cu_seqlens``): flash
@@ -55,8 +56,11 @@ class Attention:
                 raise ValueError(f"layer {layer}: q/k norm weights have sizes {got}, expected {want}")
         self.eps = cfg.rms_eps
         self.window = cfg.layer_windows[layer]
-        self.scale = 1.0 / float(np.sqrt(hd))
-        self.inv_freq, self.mscale = ops.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = 1.0 / float(np.sqrt(hd)) if cfg.attn_scale is None else cfg.attn_scale
+        theta, scaling = cfg.rope_theta, cfg.rope_scaling
+        if self.window is not None and cfg.rope_local_theta is not None:  # Gemma's local layers: own theta
+            theta, scaling = cfg.rope_local_theta, None
+        self.inv_freq, self.mscale = ops.rope_frequencies(cfg.rotary_dim, theta, scaling)
         self.neox = cfg.rope_style == "neox"
 
     def linears(self):
@@ -116,6 +120,7 @@ class DenseMLP:
                 raise ValueError(f"layer {layer}: mlp {name} projection has shape {tuple(w.shape)}, the config "
                                  f"implies {shape}")
         self.I = I
+        self.act = _C.gelu_mul if cfg.mlp_act == "gelu_tanh" else _C.silu_mul
         fused = fuse_rows([gate, up])
         self.gate_up = None if fused is None else Linear(fused, fuse_bias([b_gate, b_up], [I, I]))
         self.gate = self.up = None
@@ -147,7 +152,7 @@ class DenseMLP:
             g, u = s[4], s[5]
             self.gate(h, g)
             self.up(h, u)
-        _C.silu_mul(g.reshape(-1), u.reshape(-1), 0, act.reshape(-1))
+        self.act(g.reshape(-1), u.reshape(-1), 0, act.reshape(-1))
         self.down(act, out)
         return out
 
@@ -232,10 +237,19 @@ def _swiglu(x, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
 
 
 class Block:
-    def __init__(self, attn_norm, attn: Attention, ffn_norm, mlp):
+    """Pre-norm attention and MLP; with post_attn_norm and post_ffn_norm (Gemma's sandwich
+    norms) each sublayer's output is also RMS-normed before it joins the residual stream."""
+
+    def __init__(self, attn_norm, attn: Attention, ffn_norm, mlp, post_attn_norm=None, post_ffn_norm=None):
         self.attn_norm = np.ascontiguousarray(attn_norm, dtype=np.float32).reshape(-1)
         self.ffn_norm = np.ascontiguousarray(ffn_norm, dtype=np.float32).reshape(-1)
         self.attn, self.mlp = attn, mlp
+        if (post_attn_norm is None) != (post_ffn_norm is None):
+            raise ValueError("Block: post_attn_norm and post_ffn_norm come together")
+        self.post_attn_norm = None if post_attn_norm is None else \
+            np.ascontiguousarray(post_attn_norm, dtype=np.float32).reshape(-1)
+        self.post_ffn_norm = None if post_ffn_norm is None else \
+            np.ascontiguousarray(post_ffn_norm, dtype=np.float32).reshape(-1)
 
 
 class Buffers:
@@ -302,6 +316,8 @@ class Decoder:
     def _make_plan(self):
         """The fused decode step's validated weights, when every layer is a dense block with
         fused qkv and gate/up projections; else None (the op-by-op path runs)."""
+        if not self.cfg.llama_block:  # the fused step runs the Llama-style block only
+            return None
         if not all(isinstance(b.mlp, DenseMLP) and b.mlp.gate_up is not None and b.attn.qkv is not None
                    for b in self.blocks):
             return None
@@ -346,11 +362,21 @@ class Decoder:
         for blk in self.blocks:
             _C.rmsnorm(b.delta, 0, blk.attn_norm, eps, b.res, b.h)
             step(blk.attn, b)
-            _C.rmsnorm(b.delta, 0, blk.ffn_norm, eps, b.res, b.h)
-            blk.mlp(b.h, b.delta, b)
+            if blk.post_attn_norm is None:
+                _C.rmsnorm(b.delta, 0, blk.ffn_norm, eps, b.res, b.h)
+                blk.mlp(b.h, b.delta, b)
+            else:  # sandwich norms: h and delta swap roles inside the block
+                _C.rmsnorm(b.delta, 0, blk.post_attn_norm, eps, None, b.h)
+                _C.rmsnorm(b.h, 0, blk.ffn_norm, eps, b.res, b.delta)
+                blk.mlp(b.delta, b.h, b)
+                _C.rmsnorm(b.h, 0, blk.post_ffn_norm, eps, None, b.delta)
         _C.rmsnorm(b.delta, 0, self.norm, eps, b.res, b.h)
         h = b.h if logit_rows is None else np.ascontiguousarray(b.h[logit_rows])
-        return self.lm_head(h, np.empty((h.shape[0], self.vocab_size), np.float32))
+        logits = self.lm_head(h, np.empty((h.shape[0], self.vocab_size), np.float32))
+        if cfg.final_softcap is not None:
+            c = np.float32(cfg.final_softcap)
+            np.multiply(np.tanh(np.divide(logits, c, out=logits), out=logits), c, out=logits)
+        return logits
 
     def prefill(self, ids: np.ndarray, positions: np.ndarray, cu_seqlens: Optional[np.ndarray] = None,
                 cache=None, slots: Optional[np.ndarray] = None, logit_rows=None) -> np.ndarray:

@@ -108,7 +108,12 @@ def fuse_bias(biases: List[Optional[np.ndarray]], sizes: List[int]) -> Optional[
 
 class Embedding:
     """Token embedding table [V, D]: a float array or a QuantizedTensor (rows dequantized
-    on lookup, 16-row panel at a time, so the table stays in its compact format)."""
+    on lookup, 16-row panel at a time, so the table stays in its compact format).
+
+    scale: factor on the looked-up rows (Gemma: sqrt(D)). As transformers and Gemma's own code
+    compute it, a float16 / bfloat16 table is scaled in its dtype: the factor (via float32) and
+    the product rounded to it; float32 and quantized tables are scaled in float32.
+    """
 
     __slots__ = ("weight", "V", "D", "scale", "_panels")
 
@@ -137,11 +142,14 @@ class Embedding:
                 rows = self._panel(int(p))
                 sel = panels == p
                 out[sel] = rows[ids[sel] - int(p) * PANEL]
+        elif w.dtype == np.float32:
+            np.take(w, ids.reshape(-1), axis=0, out=out)
         else:
-            if w.dtype == np.float32:
-                np.take(w, ids.reshape(-1), axis=0, out=out)
-            else:
-                out[...] = w[ids.reshape(-1)]
+            rows = w[ids.reshape(-1)]
+            if self.scale != 1.0:
+                rows = rows * w.dtype.type(np.float32(self.scale))
+            out[...] = rows
+            return out
         if self.scale != 1.0:
             out *= np.float32(self.scale)
         return out

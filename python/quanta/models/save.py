@@ -38,7 +38,7 @@ FILE_FORMAT = "1"
 _ARRAYS = ("codes", "scales", "offsets", "supers", "super_mins")
 # canonical names (last component) the decoder reads as float32 vectors
 _VECTORS = {"attn_norm", "ffn_norm", "norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "router",
-            "shared_gate"}
+            "shared_gate", "post_attn_norm", "post_ffn_norm"}
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _MAX_DIM = 1 << 31
 
@@ -242,8 +242,9 @@ def _json(path: str, md: dict, key: str, kind: type):
 _INTS = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
          "max_position", "n_experts", "top_k", "moe_intermediate_size", "shared_expert_intermediate_size")
 _OPT_INTS = ("rotary_dim", "sliding_window", "bos_token_id")
-_FLOATS = ("rms_eps", "rope_theta")
-_BOOLS = ("tie_embeddings", "qkv_bias", "norm_topk_prob")
+_FLOATS = ("rms_eps", "rope_theta", "embed_scale")
+_OPT_FLOATS = ("attn_scale", "rope_local_theta", "final_softcap")
+_BOOLS = ("tie_embeddings", "qkv_bias", "norm_topk_prob", "post_norms")
 
 
 def _is_int(v) -> bool:
@@ -261,10 +262,13 @@ def _config_type_error(d: dict) -> Optional[str]:
     for k in _FLOATS:
         if k in d and (isinstance(d[k], bool) or not isinstance(d[k], (int, float))):
             return f"{k} must be a number, got {d[k]!r}"
+    for k in _OPT_FLOATS:
+        if d.get(k) is not None and (isinstance(d[k], bool) or not isinstance(d[k], (int, float))):
+            return f"{k} must be a number or null, got {d[k]!r}"
     for k in _BOOLS:
         if k in d and not isinstance(d[k], bool):
             return f"{k} must be true or false, got {d[k]!r}"
-    for k in ("arch", "rope_style"):
+    for k in ("arch", "rope_style", "mlp_act"):
         if k in d and not isinstance(d[k], str):
             return f"{k} must be a str, got {d[k]!r}"
     if d.get("qk_norm") not in (None, "head", "full"):

@@ -5,7 +5,10 @@ re-quantized or dequantized on request).
 Canonical names: embed, norm, lm_head; per layer i: i.attn_norm, i.ffn_norm, i.q, i.k, i.v,
 i.o, i.q_bias, i.k_bias, i.v_bias, i.o_bias, i.q_norm, i.k_norm, i.gate, i.up, i.down,
 i.gate_bias, i.up_bias, i.down_bias, i.router,
-i.experts.E.gate / .up / .down, i.shared.gate / .up / .down, i.shared_gate.
+i.experts.E.gate / .up / .down, i.shared.gate / .up / .down, i.shared_gate,
+i.post_attn_norm, i.post_ffn_norm (sandwich norms, Gemma).
+Canonical RMSNorm weights multiply the normalized vector: Gemma checkpoints store w of
+x * (1 + w), so their norms are read as 1 + w (GGUF files hold 1 + w already).
 """
 from __future__ import annotations
 
@@ -90,10 +93,21 @@ _HF_LAYER = [
     (r"mlp\.shared_expert_gate\.weight", "shared_gate"),
 ]
 _HF_LAYER = [(re.compile(p + "$"), r) for p, r in _HF_LAYER]
+# Gemma's four norms per layer: post_attention_layernorm is the attention output's norm there
+_HF_SANDWICH = [(r"post_attention_layernorm\.weight", "post_attn_norm"),
+                (r"pre_feedforward_layernorm\.weight", "ffn_norm"),
+                (r"post_feedforward_layernorm\.weight", "post_ffn_norm")]
+_HF_SANDWICH = [(re.compile(p + "$"), r) for p, r in _HF_SANDWICH]
 _HF_LAYER_PREFIX = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.*)$")
 _HF_GLOBAL = {"model.embed_tokens.weight": "embed", "embed_tokens.weight": "embed", "model.norm.weight": "norm",
               "norm.weight": "norm", "lm_head.weight": "lm_head"}
 _HF_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv|\.input_scale)$")
+# the language model inside a multimodal checkpoint (Gemma 3): its prefixes, and the image
+# encoder's tensors, which a text decoder does not read
+_HF_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.", ""))
+_HF_VISION = re.compile(r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+_ZERO_CENTERED_NORMS = ("gemma3",)  # HF architectures whose RMSNorm computes x * (1 + w)
 
 # ---- GGUF names ------------------------------------------------------------------------------
 
@@ -106,25 +120,37 @@ _GGUF_LAYER = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm", "
                "ffn_gate_exps.weight": "experts.gate", "ffn_up_exps.weight": "experts.up",
                "ffn_down_exps.weight": "experts.down", "ffn_gate_shexp.weight": "shared.gate",
                "ffn_up_shexp.weight": "shared.up", "ffn_down_shexp.weight": "shared.down",
-               "ffn_gate_inp_shexp.weight": "shared_gate"}
+               "ffn_gate_inp_shexp.weight": "shared_gate", "post_attention_norm.weight": "post_attn_norm",
+               "post_ffw_norm.weight": "post_ffn_norm"}
 _GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _GGUF_IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
 
 
-def canonical_hf(tensors: Dict[str, np.ndarray], fp8_block=(128, 128)) -> Dict[str, object]:
+def canonical_hf(tensors: Dict[str, np.ndarray], fp8_block=(128, 128),
+                 arch: Optional[str] = None) -> Dict[str, object]:
     """HF tensor names -> canonical ones. FP8 weights (float8_e4m3fn / e5m2) are paired with
     their `weight_scale_inv` block scales (block size fp8_block, from the config's
-    quantization_config.weight_block_size)."""
+    quantization_config.weight_block_size). arch (ModelConfig.arch) selects Gemma's norm names
+    and turns its zero-centered norm weights w into the multiplier 1 + w (float32, as
+    transformers computes it)."""
     out, unknown = {}, []
+    layer_rules = (_HF_SANDWICH + _HF_LAYER) if arch in _ZERO_CENTERED_NORMS else _HF_LAYER
     for name, arr in tensors.items():
         if arr.dtype.name.startswith("float8") and name.endswith(".weight"):
             arr = _fp8_blocks(name, arr, tensors.get(name[:-len("weight")] + "weight_scale_inv"), fp8_block)
-        c = _HF_GLOBAL.get(name)
+        if _HF_VISION.match(name):
+            continue
+        key = name
+        for old, new in _HF_TEXT_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        c = _HF_GLOBAL.get(key)
         if c is None:
-            m = _HF_LAYER_PREFIX.match(name)
+            m = _HF_LAYER_PREFIX.match(key)
             if m:
                 rest = m.group(2)
-                for pat, rep in _HF_LAYER:
+                for pat, rep in layer_rules:
                     if pat.match(rest):
                         c = f"{m.group(1)}.{pat.sub(rep, rest)}"
                         break
@@ -132,6 +158,8 @@ def canonical_hf(tensors: Dict[str, np.ndarray], fp8_block=(128, 128)) -> Dict[s
             if not _HF_IGNORED.search(name):
                 unknown.append(name)
             continue
+        if arch in _ZERO_CENTERED_NORMS and c.split(".")[-1].endswith("norm"):
+            arr = np.asarray(arr, dtype=np.float32) + np.float32(1.0)
         out[c] = arr
     _split_stacked_experts(out)
     if unknown:
