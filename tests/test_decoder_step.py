@@ -77,3 +77,19 @@ def test_step_runs_and_rejects_bad_arguments(model):
     b[1] = b[2]
     with pytest.raises(ValueError, match="overlap"):
         _C.decoder_step(*b)
+
+
+def test_layers_with_and_without_fused_projections(tmp_path):
+    """Layer 0's k in another format (q, k, v not fusable there), layer 1 fused: the op path
+    runs both kinds, decode equals prefill's logits."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(path))
+    m = quanta.load(str(path), quant={"0.k": "q8_0", "*": "q4_0"}, progress=False)
+    blocks = m.decoder.blocks
+    assert blocks[0].attn.qkv is None and blocks[1].attn.qkv is not None and m.decoder._plan is None
+    ids = list(range(3, 12))
+    full = m.forward(ids)
+    toks = m.generate(ids[:5], max_tokens=4, return_tokens=True, kv_dtype="float32")
+    assert len(toks) == 4
+    step = _decode(m.decoder, m.config, 1, "float32", steps=2)
+    assert np.isfinite(step).all() and np.isfinite(full).all()

@@ -306,7 +306,7 @@ class Decoder:
         if (lm_head.N, lm_head.K) != (cfg.vocab_size, cfg.hidden_size) and lm_head.K != cfg.hidden_size:
             raise ValueError(f"lm_head has shape {(lm_head.N, lm_head.K)}, expected ({cfg.vocab_size}, {cfg.hidden_size})")
         self.vocab_size = lm_head.N
-        self._fused_qkv = all(b.attn.qkv is not None for b in blocks)
+        self._fused_qkv = any(b.attn.qkv is not None for b in blocks)  # scratch for the layers that fuse
         self._mlp_sizes = sorted({b.mlp.I for b in blocks if isinstance(b.mlp, DenseMLP)})
         if len(self._mlp_sizes) > 1:
             raise ValueError(f"dense MLP layers of different widths {self._mlp_sizes} are not supported")
