@@ -148,116 +148,6 @@ static inline void qk(float *S, const float *q, const float *Kf, int R, int n, c
         }
 }
 
-static inline void softmax_rows(float *S, float *alpha, float *m, float *l, const int64_t *lo, const int64_t *hi,
-                                int R, int n, int64_t jb, int64_t je, float cap);
-
-/* Decode tiles (R <= 4 rows per KV head, D a multiple of 16) read keys and values straight
- * from the cache, converting 16 elements at a time in registers: each element is converted
- * once either way, and the fp32 copy's store and reload are saved. Same products and sums as
- * qk / pv on converted rows, so the results are identical. */
-
-/* S[r, i] = q_r . k_i, r < 4 (rows past R are computed and ignored), keys i < n of one
- * head: key i at base + (off + i * ld_tok) elements */
-static inline __attribute__((always_inline)) void qk_direct_dt(float *S, const float *q, const void *base,
-                                                               const int dt, int64_t off, int64_t ld_tok, int n,
-                                                               const int64_t D, __m512 sc) {
-    const int es = dt == QN_A_F32 ? 4 : (dt == QN_A_F16 || dt == QN_A_BF16) ? 2 : 1;
-    for (int i0 = 0; i0 < n; i0 += 4) {
-        const char *src[4];
-        for (int c = 0; c < 4; c++) /* keys past n repeat the last one: their lanes are masked later */
-            src[c] = (const char *)base + (off + (int64_t)(i0 + c < n ? i0 + c : n - 1) * ld_tok) * es;
-        __m512 a[16];
-        for (int k = 0; k < 16; k++) a[k] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 k0 = load_kv16(src[0], dt, d, (__mmask16)0xFFFF, sc), k1 = load_kv16(src[1], dt, d, (__mmask16)0xFFFF, sc);
-            __m512 k2 = load_kv16(src[2], dt, d, (__mmask16)0xFFFF, sc), k3 = load_kv16(src[3], dt, d, (__mmask16)0xFFFF, sc);
-            for (int rr = 0; rr < 4; rr++) {
-                __m512 qv = _mm512_load_ps(q + rr * D + d);
-                a[rr * 4 + 0] = _mm512_fmadd_ps(qv, k0, a[rr * 4 + 0]);
-                a[rr * 4 + 1] = _mm512_fmadd_ps(qv, k1, a[rr * 4 + 1]);
-                a[rr * 4 + 2] = _mm512_fmadd_ps(qv, k2, a[rr * 4 + 2]);
-                a[rr * 4 + 3] = _mm512_fmadd_ps(qv, k3, a[rr * 4 + 3]);
-            }
-        }
-        __m512 s = reduce16(a);
-        _mm_storeu_ps(S + 0 * BK + i0, _mm512_castps512_ps128(s));
-        _mm_storeu_ps(S + 1 * BK + i0, _mm512_extractf32x4_ps(s, 1));
-        _mm_storeu_ps(S + 2 * BK + i0, _mm512_extractf32x4_ps(s, 2));
-        _mm_storeu_ps(S + 3 * BK + i0, _mm512_extractf32x4_ps(s, 3));
-    }
-}
-
-/* O[r] = alpha[r] * O[r] + sum_i P[r, i] v_i for RB rows and DV vectors of 16 from column d0 */
-static inline __attribute__((always_inline)) void pv_direct_block(float *o, const float *P, const void *base,
-                                                                  const int dt, int64_t off, int64_t ld_tok,
-                                                                  const float *alpha, int n, const int64_t D,
-                                                                  int64_t d0, const int RB, const int DV, __m512 sc) {
-    const int es = dt == QN_A_F32 ? 4 : (dt == QN_A_F16 || dt == QN_A_BF16) ? 2 : 1;
-    __m512 acc[4][4];
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < DV; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int i = 0; i < n; i++) {
-        const char *src = (const char *)base + (off + (int64_t)i * ld_tok) * es;
-        __m512 v[4];
-        for (int c = 0; c < DV; c++) v[c] = load_kv16(src, dt, d0 + 16 * c, (__mmask16)0xFFFF, sc);
-        for (int r = 0; r < RB; r++) {
-            __m512 p = _mm512_set1_ps(P[r * BK + i]);
-            for (int c = 0; c < DV; c++) acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
-        }
-    }
-    for (int r = 0; r < RB; r++) {
-        __m512 al = _mm512_set1_ps(alpha[r]);
-        for (int c = 0; c < DV; c++) {
-            float *dst = o + r * D + d0 + 16 * c;
-            _mm512_store_ps(dst, _mm512_fmadd_ps(_mm512_load_ps(dst), al, acc[r][c]));
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void pv_direct_dt(float *o, const float *P, const void *base,
-                                                               const int dt, int64_t off, int64_t ld_tok,
-                                                               const float *alpha, int R, int n, const int64_t D,
-                                                               __m512 sc) {
-    for (int r = 0; r < R;) {
-        const int RB = R - r >= 4 ? 4 : 1;
-        int64_t d = 0;
-        for (; d + 64 <= D; d += 64)
-            if (RB == 4) pv_direct_block(o + r * D, P + r * BK, base, dt, off, ld_tok, alpha + r, n, D, d, 4, 4, sc);
-            else pv_direct_block(o + r * D, P + r * BK, base, dt, off, ld_tok, alpha + r, n, D, d, 1, 4, sc);
-        for (; d < D; d += 16)
-            if (RB == 4) pv_direct_block(o + r * D, P + r * BK, base, dt, off, ld_tok, alpha + r, n, D, d, 4, 1, sc);
-            else pv_direct_block(o + r * D, P + r * BK, base, dt, off, ld_tok, alpha + r, n, D, d, 1, 1, sc);
-        r += RB;
-    }
-}
-
-/* One block of keys (one page run) of a decode tile for head hh: scores, softmax, output. */
-static inline __attribute__((always_inline)) void direct_head_dt(const qn_attn_tile *t, const int dt, int hh,
-                                                                 int64_t off, int64_t page, int n, float *S,
-                                                                 float *alpha, int64_t jb, int64_t je,
-                                                                 const int64_t D) {
-    const int R = t->R;
-    const float fp8 = dt == QN_A_FP8 ? 256.0f : 1.0f;
-    __m512 ks = _mm512_set1_ps((t->kscale ? t->kscale[page * t->ld_scale + hh] : 1.0f) * fp8);
-    __m512 vs = _mm512_set1_ps((t->vscale ? t->vscale[page * t->ld_scale + hh] : 1.0f) * fp8);
-    const int64_t o = off + hh * t->ld_head;
-    qk_direct_dt(S, t->q + hh * R * D, t->k, dt, o, t->ld_tok, n, D, ks);
-    softmax_rows(S, alpha, t->m + hh * R, t->l + hh * R, t->lo + hh * R, t->hi + hh * R, R, n, jb, je, t->softcap);
-    pv_direct_dt(t->o + hh * R * D, S, t->v, dt, o, t->ld_tok, alpha, R, n, D, vs);
-}
-
-static inline __attribute__((always_inline)) void direct_head(const qn_attn_tile *t, int hh, int64_t off,
-                                                              int64_t page, int n, float *S, float *alpha,
-                                                              int64_t jb, int64_t je, const int64_t D) {
-    switch (t->kvdtype) {
-    case QN_A_F16: direct_head_dt(t, QN_A_F16, hh, off, page, n, S, alpha, jb, je, D); break;
-    case QN_A_BF16: direct_head_dt(t, QN_A_BF16, hh, off, page, n, S, alpha, jb, je, D); break;
-    case QN_A_I8: direct_head_dt(t, QN_A_I8, hh, off, page, n, S, alpha, jb, je, D); break;
-    case QN_A_FP8: direct_head_dt(t, QN_A_FP8, hh, off, page, n, S, alpha, jb, je, D); break;
-    default: direct_head_dt(t, QN_A_F32, hh, off, page, n, S, alpha, jb, je, D); break;
-    }
-}
-
 /* O[r] = alpha[r] * O[r] + sum_i P[r, i] Vf[i] for a block of RB rows x DV vectors of 16 */
 static inline __attribute__((always_inline)) void pv_block(float *o, const float *P, const float *Vf,
                                                            const float *alpha, int n, const int64_t Dp,
@@ -358,7 +248,6 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
         for (int64_t d = 0; d < Dp; d += 16) _mm512_store_ps(t->o + r * Dp + d, _mm512_setzero_ps());
     }
     const float cap = t->softcap;
-    const int direct = R <= 4 && t->D == Dp; /* decode: keys and values read in place */
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
         int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
         je = qn_min64(t->j1, jb + BK);
@@ -370,15 +259,6 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
         if (!any) continue;
         qn_attn_prefetch_next(t, je);
         const int64_t off = page * t->ld_page + row * t->ld_tok;
-        if (direct) {
-            for (int hh = 0; hh < t->nh; hh++) {
-                const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
-                any = 0;
-                for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
-                if (any) direct_head(t, hh, off, page, n, S, alpha, jb, je, Dp);
-            }
-            continue;
-        }
         convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
                      t->kscale ? t->kscale + page * t->ld_scale : NULL);
         convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
