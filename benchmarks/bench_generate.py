@@ -246,6 +246,8 @@ def build_twin(model: Model) -> Model:
             t.update({p + "gate_bias": w(I), p + "up_bias": w(I)})
         if m.down.bias is not None:
             t[p + "down_bias"] = w(D)
+        if cfg.post_norms:
+            t.update({p + "post_attn_norm": np.ones(D, np.float32), p + "post_ffn_norm": np.ones(D, np.float32)})
         if cfg.qk_norm == "head":
             t.update({p + "q_norm": np.ones(hd, np.float32), p + "k_norm": np.ones(hd, np.float32)})
         elif cfg.qk_norm == "full":
