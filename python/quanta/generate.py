@@ -180,9 +180,9 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
     cu = np.zeros(len(seqs) + 1, np.int32)
     cu[1:] = np.cumsum([len(s.prompt) for s in seqs])
     slots = np.concatenate([cache.reserve(s.idx, len(s.prompt)) for s in seqs])
-    logits = dec.prefill(ids, pos, cu, cache, slots, logit_rows=cu[1:] - 1)
-    try:
-        for row, s in enumerate(seqs):
+    def step(rows: List[_Seq], logits: np.ndarray):
+        """Samples one token for each of rows, yields their events."""
+        for row, s in enumerate(rows):
             tid = sample(logits[row], params, rng, (s.prompt + s.out) if penalize else None)
             emit(s, tid)
             piece = pieces(s)
@@ -190,6 +190,10 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
                 yield s.idx, piece
             if s.done:
                 yield s.idx, None, s.finish_reason, list(s.out)
+
+    logits = dec.prefill(ids, pos, cu, cache, slots, logit_rows=cu[1:] - 1)
+    try:
+        yield from step(seqs, logits)
         while True:
             live = [s for s in seqs if not s.done]
             if not live:
@@ -199,15 +203,7 @@ def run(model, prompts: List[List[int]], max_tokens: int, params: SamplingParams
             slots = np.concatenate([cache.reserve(s.idx, 1) for s in live])
             tables = cache.block_tables([s.idx for s in live])
             lens = pos + 1
-            logits = dec.decode(ids, pos, cache, slots, tables, lens.astype(np.int32))
-            for row, s in enumerate(live):
-                tid = sample(logits[row], params, rng, (s.prompt + s.out) if penalize else None)
-                emit(s, tid)
-                piece = pieces(s)
-                if piece:
-                    yield s.idx, piece
-                if s.done:
-                    yield s.idx, None, s.finish_reason, list(s.out)
+            yield from step(live, dec.decode(ids, pos, cache, slots, tables, lens.astype(np.int32)))
     finally:
         for s in seqs:
             cache.free_sequence(s.idx)

@@ -113,16 +113,7 @@ class KVCache:
             raise ValueError(f"KVCache.append: k and v must have the same T, got {k.shape[0]} and {v.shape[0]}")
         T, bs = k.shape[0], self.block_size
         n0 = self._lens[seq_id][layer]
-        need = -(-(n0 + T) // bs) - len(table)
-        if need > len(self._free):
-            raise KVCacheFullError(f"KVCache.append: sequence {seq_id!r} needs {need} more blocks of {bs} tokens, "
-                                   f"{len(self._free)} free of {self.n_blocks}; nothing was written")
-        for _ in range(max(need, 0)):
-            b = self._free.pop()
-            table.append(b)
-            if self.quantized:
-                for sc in self.k_scale + self.v_scale:
-                    sc[b] = 0.0
+        self._grow(seq_id, table, n0 + T)
         kf, vf = k.astype(np.float32), v.astype(np.float32)
         pos = n0
         while pos < n0 + T:
@@ -134,6 +125,21 @@ class KVCache:
             pos += m
         self._lens[seq_id][layer] = n0 + T
 
+    def _grow(self, seq_id, table: List[int], tokens: int) -> None:
+        """Allocates blocks until table holds `tokens` tokens (new blocks' scales zeroed);
+        raises KVCacheFullError, allocating nothing, when too few are free."""
+        bs = self.block_size
+        need = -(-tokens // bs) - len(table)
+        if need > len(self._free):
+            raise KVCacheFullError(f"KVCache: sequence {seq_id!r} needs {need} more blocks of {bs} tokens, "
+                                   f"{len(self._free)} free of {self.n_blocks}; nothing was written")
+        for _ in range(max(need, 0)):
+            b = self._free.pop()
+            table.append(b)
+            if self.quantized:
+                for sc in self.k_scale + self.v_scale:
+                    sc[b] = 0.0
+
     def reserve(self, seq_id, n: int) -> np.ndarray:
         """Room for n more tokens of sequence seq_id in every layer: allocates blocks and
         advances the sequence's length in all layers at once (the model's path; `append`
@@ -144,16 +150,7 @@ class KVCache:
         n0, bs = lens[0], self.block_size
         if any(x != n0 for x in lens):
             raise ValueError(f"KVCache.reserve: sequence {seq_id!r} has different lengths per layer {lens}")
-        need = -(-(n0 + n) // bs) - len(table)
-        if need > len(self._free):
-            raise KVCacheFullError(f"KVCache: sequence {seq_id!r} needs {need} more blocks of {bs} tokens, "
-                                   f"{len(self._free)} free of {self.n_blocks}")
-        for _ in range(max(need, 0)):
-            b = self._free.pop()
-            table.append(b)
-            if self.quantized:
-                for sc in self.k_scale + self.v_scale:
-                    sc[b] = 0.0
+        self._grow(seq_id, table, n0 + n)
         pos = np.arange(n0, n0 + n)
         lens[:] = [n0 + n] * self.n_layers
         return np.asarray(table, np.int64)[pos // bs] * bs + pos % bs
