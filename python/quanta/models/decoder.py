@@ -338,7 +338,7 @@ class Decoder:
         out = [self.lm_head]
         for b in self.blocks:
             out += b.attn.linears()
-            out += b.mlp.linears() if hasattr(b.mlp, "linears") else []
+            out += b.mlp.linears()
         return out
 
     def buffers(self, M: int, keep: bool) -> Buffers:
