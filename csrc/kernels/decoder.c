@@ -43,10 +43,28 @@ int64_t qn_decoder_workspace_size(const qn_dense_layer *layers, const qn_decoder
     return align64(ws) + align64(scratch_floats(d, B) * (int64_t)sizeof(float));
 }
 
-static qn_status linear(const qn_linear *l, const float *x, int64_t M, float *y, void *ws, int64_t wsb) {
+/* The bytes a linear reads (its codes, or its float rows): the region to prefetch ahead of it. */
+static void linear_bytes(const qn_linear *l, const void **p, int64_t *n) {
+    if (!l) { *p = NULL; *n = 0; return; }
+    if (l->quantized) {
+        const qn_format *f = l->qw.fmt;
+        *p = l->qw.codes;
+        *n = qn_npanels(l->N) * (qn_fmt_kpad(f, l->K) / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
+    } else {
+        *p = l->w;
+        *n = l->N * l->K * (l->wdtype == 0 ? 4 : 2);
+    }
+}
+
+/* y = x W^T (+ bias); while it runs, the weights of `next` (may be NULL) are prefetched. */
+static qn_status linear(const qn_linear *l, const float *x, int64_t M, float *y, void *ws, int64_t wsb,
+                        const qn_linear *next) {
     qn_status st;
+    const void *np;
+    int64_t nb;
+    linear_bytes(next, &np, &nb);
     if (l->quantized)
-        st = qn_qmatmul(y, &l->qw, x, 0, M, l->K, l->N, ws, wsb);
+        st = qn_qmatmul_ahead(y, &l->qw, x, 0, M, l->K, l->N, ws, wsb, np, nb);
     else
         st = qn_matmul(y, x, 0, l->w, l->wdtype, M, l->N, l->K, l->K, l->K, l->N, ws, wsb);
     if (st || !l->bias) return st;
@@ -88,7 +106,7 @@ qn_status qn_decoder_step(const qn_dense_layer *layers, const qn_decoder_dims *d
         const qn_dense_layer *ly = &layers[l];
         /* attention block; its input norm adds the pending delta into res first */
         if ((st = qn_rmsnorm(hn, io->res, io->delta, 0, ly->attn_norm, B, D, d->eps))) return st;
-        if ((st = linear(&ly->qkv, hn, B, qkv, ws, wsb))) return st;
+        if ((st = linear(&ly->qkv, hn, B, qkv, ws, wsb, &ly->o))) return st;
         for (int64_t b = 0; b < B; b++) {
             memcpy(q + b * nq, qkv + b * nqkv, (size_t)nq * sizeof(float));
             memcpy(k + b * nkv, qkv + b * nqkv + nq, (size_t)nkv * sizeof(float));
@@ -115,12 +133,12 @@ qn_status qn_decoder_step(const qn_dense_layer *layers, const qn_decoder_dims *d
                               B, H, Hkv, hd, io->n_blocks, io->bs, io->max_blocks, d->attn_scale, 0.0f,
                               ly->window};
         if ((st = qn_paged_attention(&pp, ws, wsb))) return st;
-        if ((st = linear(&ly->o, attn, B, io->delta, ws, wsb))) return st;
+        if ((st = linear(&ly->o, attn, B, io->delta, ws, wsb, &ly->gate_up))) return st;
         /* MLP block */
         if ((st = qn_rmsnorm(hn, io->res, io->delta, 0, ly->ffn_norm, B, D, d->eps))) return st;
-        if ((st = linear(&ly->gate_up, hn, B, gu, ws, wsb))) return st;
+        if ((st = linear(&ly->gate_up, hn, B, gu, ws, wsb, &ly->down))) return st;
         if ((st = qn_silu_mul_rows(act, gu, gu + F, B, F, F, 2 * F, 2 * F))) return st;
-        if ((st = linear(&ly->down, act, B, io->delta, ws, wsb))) return st;
+        if ((st = linear(&ly->down, act, B, io->delta, ws, wsb, l + 1 < d->L ? &layers[l + 1].qkv : NULL))) return st;
     }
     return QN_OK;
 }

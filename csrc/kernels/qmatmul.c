@@ -266,6 +266,12 @@ int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads) 
 
 qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype,
                      int64_t M, int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes) {
+    return qn_qmatmul_ahead(y, w, x, xdtype, M, ldx, ldy, workspace, ws_bytes, NULL, 0);
+}
+
+qn_status qn_qmatmul_ahead(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype, int64_t M,
+                           int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes, const void *next,
+                           int64_t next_bytes) {
     qn_status st = qn_format_check(w->fmt);
     if (st) return st;
     if ((st = qn_format_check_k(w->fmt, w->K))) return st;
@@ -297,6 +303,11 @@ qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, i
             int64_t p0 = pb * QN_NP_BLOCK, np = qn_min64(QN_NP_BLOCK, np_total - p0);
             int64_t m0 = mt * QN_MTILE, mr = qn_min64(QN_MTILE, M - m0);
             qn_qmatmul_tile(y + m0 * ldy + p0 * QN_PANEL, ldy, w, &act, m0, mr, p0, np);
+            if (next) { /* this tile's share of the next weights, toward the L2 */
+                const char *a = (const char *)next + next_bytes * t / n_tiles;
+                const char *e = (const char *)next + next_bytes * (t + 1) / n_tiles;
+                for (; a < e; a += 64) __builtin_prefetch(a, 0, 2);
+            }
         }
     }
     return QN_OK;

@@ -119,6 +119,11 @@ int64_t qn_qmatmul_workspace_size(const qn_qweight *w, int64_t M, int nthreads);
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx, dtype xdtype) @ W^T.
  * workspace: at least qn_qmatmul_workspace_size() bytes, 64-byte aligned. */
+/* qn_qmatmul that also prefetches next[0 .. next_bytes) (the weights the caller reads next),
+ * spread over the tiles, so a chain of small matmuls does not start each one cold. */
+qn_status qn_qmatmul_ahead(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype, int64_t M,
+                           int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes, const void *next,
+                           int64_t next_bytes);
 qn_status qn_qmatmul(float *QN_RESTRICT y, const qn_qweight *w, const void *x, int xdtype,
                      int64_t M, int64_t ldx, int64_t ldy, void *workspace, int64_t ws_bytes);
 
