@@ -12,7 +12,7 @@
 #include "py_arrays.h"
 #include "qn_cuda.h"
 
-static PyObject *raise_status(qn_status st) {
+PyObject *qn_cuda_raise(qn_status st) {
     PyObject *type = st == QN_EINVAL ? PyExc_ValueError
                      : st == QN_ENOMEM ? PyExc_MemoryError
                      : st == QN_EUNSUPPORTED ? PyExc_NotImplementedError
@@ -89,7 +89,7 @@ static PyObject *py_devices(PyObject *self, PyObject *unused) {
         st = qn_cuda_device_info(i, &d);
         Py_END_ALLOW_THREADS
         if (st != QN_OK) {
-            raise_status(st);
+            qn_cuda_raise(st);
             goto fail;
         }
         PyObject *item = device_dict(&d);
@@ -111,7 +111,7 @@ static PyObject *py_runtime_version(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_runtime_version(&v);
     Py_END_ALLOW_THREADS
-    return st == QN_OK ? PyLong_FromLong(v) : raise_status(st);
+    return st == QN_OK ? PyLong_FromLong(v) : qn_cuda_raise(st);
 }
 
 static PyObject *py_driver_version(PyObject *self, PyObject *unused) {
@@ -121,7 +121,7 @@ static PyObject *py_driver_version(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_driver_version(&v);
     Py_END_ALLOW_THREADS
-    return st == QN_OK ? PyLong_FromLong(v) : raise_status(st);
+    return st == QN_OK ? PyLong_FromLong(v) : qn_cuda_raise(st);
 }
 
 static PyObject *py_selftest(PyObject *self, PyObject *arg) {
@@ -132,7 +132,7 @@ static PyObject *py_selftest(PyObject *self, PyObject *arg) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_selftest(dev, &arch);
     Py_END_ALLOW_THREADS
-    return st == QN_OK ? PyLong_FromLong(arch) : raise_status(st);
+    return st == QN_OK ? PyLong_FromLong(arch) : qn_cuda_raise(st);
 }
 
 static PyMethodDef methods[] = {

@@ -21,15 +21,6 @@
 
 /* ---- helpers ---- */
 
-static PyObject *raise_st(qn_status st) {
-    PyObject *type = st == QN_EINVAL ? PyExc_ValueError
-                     : st == QN_ENOMEM ? PyExc_MemoryError
-                     : st == QN_EUNSUPPORTED ? PyExc_NotImplementedError
-                     : PyExc_RuntimeError;
-    PyErr_SetString(type, qn_last_error());
-    return NULL;
-}
-
 static int arg_i64(PyObject *o, const char *op, const char *name, int64_t *v) {
     *v = 0;
     long long x = PyLong_AsLongLong(o);
@@ -121,7 +112,7 @@ static PyObject *buffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     Py_END_ALLOW_THREADS
     if (st != QN_OK) {
         Py_DECREF(self);
-        return raise_st(st);
+        return qn_cuda_raise(st);
     }
     self->ptr = ptr;
     self->nbytes = nbytes;
@@ -404,7 +395,7 @@ static PyObject *py_h2d(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     st = qn_cuda_copy(dst, view.buf, (int64_t)view.len, QN_COPY_H2D, dev, stream);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -424,7 +415,7 @@ static PyObject *py_d2h(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     st = qn_cuda_copy(view.buf, src, (int64_t)view.len, QN_COPY_D2H, dev, stream);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -448,7 +439,7 @@ static PyObject *py_copy_2d(PyObject *self, PyObject *const *args, Py_ssize_t na
     st = rows == 1 || (dp == wb && sp == wb) ? qn_cuda_copy(dst, src, wb * rows, QN_COPY_D2D, dev, stream)
                                              : qn_cuda_copy_2d(dst, dp, src, sp, wb, rows, dev, stream);
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -463,7 +454,7 @@ static PyObject *py_stream_create(PyObject *self, PyObject *arg) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_stream_create(dev, &s);
     Py_END_ALLOW_THREADS
-    return st == QN_OK ? PyLong_FromVoidPtr(s) : raise_st(st);
+    return st == QN_OK ? PyLong_FromVoidPtr(s) : qn_cuda_raise(st);
 }
 
 typedef qn_status (*stream_fn)(int, void *);
@@ -478,7 +469,7 @@ static PyObject *stream_call(PyObject *const *args, Py_ssize_t nargs, const char
     Py_BEGIN_ALLOW_THREADS
     st = fn(dev, s);
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -504,7 +495,7 @@ static PyObject *py_stream_wait(PyObject *self, PyObject *const *args, Py_ssize_
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_stream_wait(dev, waiter, on);
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -517,7 +508,7 @@ static PyObject *py_pointer_device(PyObject *self, PyObject *arg) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_pointer_device(p, &dev);
     Py_END_ALLOW_THREADS
-    return st == QN_OK ? PyLong_FromLong(dev) : raise_st(st);
+    return st == QN_OK ? PyLong_FromLong(dev) : qn_cuda_raise(st);
 }
 
 static PyObject *py_empty_cache(PyObject *self, PyObject *unused) {
@@ -526,7 +517,7 @@ static PyObject *py_empty_cache(PyObject *self, PyObject *unused) {
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_empty_cache();
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -589,7 +580,7 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_qmatmul(y, ydt, ldy, &w, x, xdt, ldx, M, ws, path, dev, stream);
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -610,7 +601,7 @@ static PyObject *py_qmatmul_plan(PyObject *self, PyObject *const *args, Py_ssize
     Py_BEGIN_ALLOW_THREADS
     st = qn_cuda_qmatmul_path(&w, M, dev, &path);
     Py_END_ALLOW_THREADS
-    if (st != QN_OK) return raise_st(st);
+    if (st != QN_OK) return qn_cuda_raise(st);
     return Py_BuildValue("(iL)", path, (long long)qn_cuda_qmatmul_workspace(&w, M));
 }
 

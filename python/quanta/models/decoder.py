@@ -141,19 +141,16 @@ class DenseMLP:
         return out
 
     def _rows(self, h, out, s):
-        gu, g, u, act = s[:4]
         if self.gate_up is not None:
-            self.gate_up(h, gu)
-            if g is None:  # several rows: the halves are strided views
-                g, u = s[4], s[5]
-                np.copyto(g, gu[:, :self.I])
-                np.copyto(u, gu[:, self.I:])
+            self.gate_up(h, s.gu)
+            if not s.views:  # several rows: the halves of gu are strided, copy them out
+                np.copyto(s.g, s.gu[:, :self.I])
+                np.copyto(s.u, s.gu[:, self.I:])
         else:
-            g, u = s[4], s[5]
-            self.gate(h, g)
-            self.up(h, u)
-        self.act(g.reshape(-1), u.reshape(-1), 0, act.reshape(-1))
-        self.down(act, out)
+            self.gate(h, s.g)
+            self.up(h, s.u)
+        self.act(s.g.reshape(-1), s.u.reshape(-1), 0, s.act.reshape(-1))
+        self.down(s.act, out)
         return out
 
 
@@ -278,19 +275,25 @@ class Buffers:
         self._mlp_sizes = mlp_sizes  # intermediate sizes of the dense MLPs
         self._mlp = {}
 
-    def mlp(self, rows: int):
+    def mlp(self, rows: int) -> "_MLPScratch":
         s = self._mlp.get(rows)
         if s is None:
-            I = max(self._mlp_sizes) if self._mlp_sizes else 1
-            gu = np.empty((rows, 2 * I), np.float32)
-            act = np.empty((rows, I), np.float32)
-            g2, u2 = np.empty((rows, I), np.float32), np.empty((rows, I), np.float32)
-            if rows == 1:
-                s = (gu, gu[:, :I], gu[:, I:], act, g2, u2)
-            else:
-                s = (gu, None, None, act, g2, u2)
-            self._mlp[rows] = s
+            s = self._mlp[rows] = _MLPScratch(rows, self._mlp_sizes[0] if self._mlp_sizes else 1)
         return s
+
+
+class _MLPScratch:
+    """gate|up output gu [rows, 2I], the gate and up halves g, u [rows, I] (views of gu when
+    rows == 1, where they are contiguous; else their own arrays) and the activation act."""
+
+    def __init__(self, rows: int, I: int):
+        f = np.float32
+        self.gu, self.act = np.empty((rows, 2 * I), f), np.empty((rows, I), f)
+        self.views = rows == 1
+        if self.views:
+            self.g, self.u = self.gu[:, :I], self.gu[:, I:]
+        else:
+            self.g, self.u = np.empty((rows, I), f), np.empty((rows, I), f)
 
 
 class Decoder:
