@@ -50,12 +50,7 @@ qn_status qn_format_check(const qn_format *f) {
 }
 
 qn_status qn_format_check_k(const qn_format *f, int64_t K) {
+    (void)f;
     if (K <= 0) return qn_set_error(QN_EINVAL, "K must be positive, got %lld", (long long)K);
-    if (f->group && K % f->group)
-        return qn_set_error(QN_EINVAL, "K = %lld is not a multiple of the group size %d",
-                            (long long)K, f->group);
-    if (qn_fmt_nested(f) && K % QN_SUPER)
-        return qn_set_error(QN_EINVAL, "K = %lld is not a multiple of the super-block size 256",
-                            (long long)K);
     return QN_OK;
 }

@@ -10,9 +10,11 @@
  * super-block of 256 inputs and sc/mn small integers per group; unpacked losslessly.
  *
  * Memory layout ("panels"). Rows are taken 16 at a time (a panel; N is padded with zero
- * rows to a multiple of 16) and K is padded to a multiple of 32 (only group-16 and
- * per-row formats may need it; the padding holds code 0, scale 0, and meets zero
- * activations).
+ * rows to a multiple of 16) and K is padded to Kp, a whole number of groups and chunks:
+ * a multiple of 32, of the group, and of 256 for nested scales. So any K fits any format
+ * (a matrix with K = 576 in groups of 128 has a last group of 64 inputs and 64 padding
+ * inputs); the padding holds code 0 and meets zero activations, and its bytes count in
+ * the stored size.
  * codes:   [n_panels][Kp/32][QN_CHUNK_BYTES(bits)]; one chunk covers 16 rows x 32 inputs.
  *          A "quad" is 16 rows x 4 consecutive inputs as 64 bytes, byte [n*4 + j] =
  *          code(row n, input 4*quad + j): exactly the operand of one 512-bit vpdpbusd.
@@ -87,10 +89,12 @@ typedef struct qn_qweight {
 
 #define QN_CHUNK_BYTES(bits) (64 * (bits))
 
-/* K padded to whole chunks (only group 16 and per-row formats ever pad). */
+/* K padded to whole chunks, groups and (nested) super-blocks. */
 static inline int64_t qn_fmt_kpad(const qn_format *f, int64_t K) {
-    (void)f;
-    return qn_round_up(K, QN_CHUNK);
+    int64_t unit = QN_CHUNK;
+    if (f->group > unit) unit = f->group;
+    if (f->scale == QN_SCALE_NESTED_U6 || f->scale == QN_SCALE_NESTED_I8) unit = QN_SUPER;
+    return qn_round_up(K, unit);
 }
 static inline int64_t qn_fmt_group(const qn_format *f, int64_t K) {
     return f->group ? f->group : qn_fmt_kpad(f, K);
@@ -126,7 +130,7 @@ static inline qn_planes qn_fmt_planes(int bits) {
 
 /* Checks a descriptor; returns QN_EINVAL with a message naming the field. */
 qn_status qn_format_check(const qn_format *f);
-/* Checks that K suits the format (a multiple of the group; a multiple of 256 if nested). */
+/* Checks that K is positive (any K fits a format: see qn_fmt_kpad). */
 qn_status qn_format_check_k(const qn_format *f, int64_t K);
 
 #ifdef __cplusplus

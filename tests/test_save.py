@@ -223,8 +223,6 @@ CORRUPTIONS = [
      "quanta.shapes", "0.q"),
     ("bad shape", lambda t, m: _edit(m, "quanta.shapes", lambda d: d.update({"0.q": [64, -1]})),
      "quanta.shapes['0.q']", "positive ints"),
-    ("K off the group size", lambda t, m: _edit(m, "quanta.shapes", lambda d: d.update({"0.q": [64, 50]})),
-     "quanta.shapes['0.q']", "not a multiple of the group size"),
     ("shape disagrees with arrays",
      lambda t, m: _edit(m, "quanta.shapes", lambda d: d.update({"0.q": [80, 64]})), "0.q.codes",
      "must be uint8 with shape"),

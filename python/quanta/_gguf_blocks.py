@@ -124,6 +124,8 @@ def to_gguf(qt: QuantizedTensor):
                          "q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k)")
     name, bs, bb = _types()[qtype]
     N, K = qt.shape
+    if K % bs:
+        raise ValueError(f"to_gguf: GGUF {name} rows hold whole blocks of {bs} inputs; K = {K} is not a multiple")
     nb = K // bs
     codes = qt.unpacked_codes().reshape(N, nb, bs)
     out = np.empty((N, nb, bb), np.uint8)

@@ -126,19 +126,22 @@ class Format:
                 "nested_i8": np.int8}[self.scale]
 
     def check_k(self, K: int) -> None:
-        """Raises ValueError unless a matrix with K inputs fits this format."""
+        """Raises ValueError unless K is positive (any K fits: see `kpad`)."""
         if K <= 0:
             raise ValueError(f"{self}: K must be positive, got {K}")
-        if self.group and K % self.group:
-            raise ValueError(f"{self}: K = {K} is not a multiple of the group size {self.group}")
-        if self.nested and K % SUPER:
-            raise ValueError(f"{self}: K = {K} is not a multiple of the super-block size {SUPER}")
+
+    def kpad(self, K: int) -> int:
+        """K padded to whole chunks of 32, groups and (nested) super-blocks of 256: the
+        stored width of a row. The padding holds code 0 and meets zero activations, so a
+        K that is not a multiple of the group costs bytes, not accuracy."""
+        unit = SUPER if self.nested else max(CHUNK, self.group or 0)
+        return -(-K // unit) * unit
 
     def array_specs(self, N: int, K: int) -> dict:
         """Shapes and dtypes of the arrays that hold an [N, K] matrix: name -> (shape, dtype) or None."""
         self.check_k(K)
         n_panels = -(-N // PANEL)
-        Kp = -(-K // CHUNK) * CHUNK
+        Kp = self.kpad(K)
         ng = Kp // self.group if self.group else 1
         sd = self._scale_dtype()
         specs = {"codes": ((n_panels, (Kp // CHUNK) * 64 * self.bits), np.uint8),
@@ -326,7 +329,7 @@ class QuantizedTensor:
     def unpacked_codes(self) -> np.ndarray:
         """uint8 codes[N, K] (values 0 .. 2^bits - 1)."""
         N, K = self.shape
-        Kp = -(-K // CHUNK) * CHUNK
+        Kp = self.format.kpad(K)
         return np.ascontiguousarray(_C.unpack_codes(self.codes, self.format.bits, N, Kp)[:, :K])
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ def dequantize(w: QuantizedTensor) -> np.ndarray:
     f = w.format
     N, K = w.shape
     q = unpack_codes(w).astype(np.float64)
-    g = f.group or -(-K // CHUNK) * CHUNK
+    g = f.group or f.kpad(K)
 
     def expand(a):  # [N, G] -> [N, K]
         return np.repeat(a, g, axis=1)[:, :K]
@@ -88,7 +88,7 @@ def dequantize(w: QuantizedTensor) -> np.ndarray:
 def act_block(w: QuantizedTensor) -> int:
     """Inputs per int8 activation block for w's format: min(group, 256)."""
     K = w.shape[1]
-    g = w.format.group or -(-K // CHUNK) * CHUNK
+    g = w.format.group or w.format.kpad(K)
     return min(g, SUPER)
 
 

@@ -112,7 +112,10 @@ static void test_errors(void) {
     f = fmt(4, 32, QN_ASYM, QN_OFF_NONE, QN_SCALE_F16);
     CHECK(qn_format_check(&f) == QN_EINVAL, "asym without offset accepted");
     f = fmt(4, 32, QN_SYM, 0, QN_SCALE_F16);
-    CHECK(qn_format_check_k(&f, 48) == QN_EINVAL && strstr(qn_last_error(), "multiple"), "K=48 accepted");
+    CHECK(qn_format_check_k(&f, 0) == QN_EINVAL && strstr(qn_last_error(), "positive"), "K=0 accepted");
+    CHECK(qn_format_check_k(&f, 48) == QN_OK && qn_fmt_kpad(&f, 48) == 64, "K=48 not padded to 64");
+    qn_format g128 = fmt(4, 128, QN_SYM, 0, QN_SCALE_F16);
+    CHECK(qn_fmt_kpad(&g128, 576) == 640 && qn_fmt_ngroups(&g128, 576) == 5, "K=576 in groups of 128");
     float w[64 * 2] = {0}, x[64] = {0}, y[2] = {0};
     qbuf q;
     make_q(&q, &f, w, 2, 64);
