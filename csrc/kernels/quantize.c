@@ -10,6 +10,7 @@
 #include "quantize.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 #include "qmatmul.h"
 
@@ -380,6 +381,112 @@ static void rule_kq_sym6(const float *x, uint8_t *q, int8_t *sc, uint16_t *d16) 
 
 /* ---- driver ---- */
 
+static int resolve_rule(const qn_format *f) {
+    if (qn_fmt_nested(f)) return QN_RULE_KQUANT;
+    if (f->rule != QN_RULE_DEFAULT) return f->rule;
+    if (f->kind == QN_SYM) return f->bits == 8 ? QN_RULE_Q8_0 : QN_RULE_Q4_0;
+    if (f->kind == QN_ASYM && f->offset == QN_OFF_MIN) return QN_RULE_Q4_1;
+    return QN_RULE_DEFAULT;
+}
+
+/* Everything the per-row quantizer needs about a format and a matrix width. */
+typedef struct row_quantizer {
+    const qn_format *f;
+    int rule;
+    lut_sorted ls;
+    int64_t Kp, ng, g, nsb;
+} row_quantizer;
+
+static void row_quantizer_init(row_quantizer *rq, const qn_format *f, int64_t K) {
+    rq->f = f;
+    rq->rule = resolve_rule(f);
+    if (f->kind == QN_LUT) lut_sort(&rq->ls, f->lut, 1 << f->bits, f->lut_kind);
+    rq->Kp = qn_fmt_kpad(f, K);
+    rq->ng = qn_fmt_ngroups(f, K);
+    rq->g = qn_fmt_group(f, K);
+    rq->nsb = rq->Kp / QN_SUPER;
+}
+
+/* Inputs [k0, k1) of row n of panel p (k0, k1 on group boundaries; on super-block
+ * boundaries for nested formats): codes into qr and the row's scale entries into out.
+ * xr and qr are indexed from input 0; xr is zero beyond K. */
+static void quantize_row_range(const row_quantizer *rq, const float *xr, uint8_t *qr, int64_t k0, int64_t k1,
+                               int64_t p, int n, qn_qweight_out *out) {
+    const qn_format *f = rq->f;
+    int64_t ng = rq->ng, g = rq->g, nsb = rq->nsb;
+    if (rq->rule == QN_RULE_KQUANT) {
+        int64_t gpb = QN_SUPER / g; /* groups per super-block */
+        for (int64_t s = k0 / QN_SUPER; s < k1 / QN_SUPER; s++) {
+            int64_t sbi = (p * nsb + s) * QN_PANEL + n;
+            uint8_t scb[16], mnb[16];
+            if (f->scale == QN_SCALE_NESTED_U6) {
+                rule_kq_asym(xr + s * QN_SUPER, f->bits, qr + s * QN_SUPER, scb, mnb, &out->supers[sbi],
+                             &out->super_mins[sbi]);
+                for (int64_t j = 0; j < gpb; j++) {
+                    int64_t si = (p * ng + s * gpb + j) * QN_PANEL + n;
+                    ((uint8_t *)out->scales)[si] = scb[j];
+                    ((uint8_t *)out->offsets)[si] = mnb[j];
+                }
+            } else {
+                rule_kq_sym6(xr + s * QN_SUPER, qr + s * QN_SUPER, (int8_t *)scb, &out->supers[sbi]);
+                for (int64_t j = 0; j < gpb; j++)
+                    ((int8_t *)out->scales)[(p * ng + s * gpb + j) * QN_PANEL + n] = ((int8_t *)scb)[j];
+            }
+        }
+        return;
+    }
+    for (int64_t gi = k0 / g; gi < ng && gi * g < k1; gi++) {
+        int64_t kg = gi * g, kn = qn_min64(g, rq->Kp - kg);
+        int64_t si = (p * ng + gi) * QN_PANEL + n;
+        const float *xg = xr + kg;
+        uint8_t *qg = qr + kg;
+        float d = 0.0f, m = 0.0f;
+        int z = 0;
+        switch (f->kind) {
+        case QN_SYM:
+            if (rq->rule == QN_RULE_Q8_0) rule_q8_0(xg, (int)kn, f->bits, qg, &d);
+            else rule_q4_0(xg, (int)kn, f->bits, qg, &d);
+            store_scale(out->scales, f->scale, si, d);
+            break;
+        case QN_ASYM:
+            if (f->offset == QN_OFF_MIN) {
+                rule_q4_1(xg, (int)kn, f->bits, qg, &d, &m);
+                store_scale(out->scales, f->scale, si, d);
+                store_scale(out->offsets, f->scale, si, m);
+            } else {
+                rule_zero(xg, (int)kn, f->bits, f->scale, qg, &d, &z);
+                store_scale(out->scales, f->scale, si, d);
+                ((uint8_t *)out->offsets)[si] = (uint8_t)z;
+            }
+            break;
+        default:
+            rule_lut(xg, (int)kn, &rq->ls, f->scale, qg, &d);
+            store_scale(out->scales, f->scale, si, d);
+            break;
+        }
+    }
+}
+
+/* Zero scale entries for the padding row n of panel p, so it contributes nothing. */
+static void zero_row_scales(const row_quantizer *rq, int64_t p, int n, qn_qweight_out *out) {
+    const qn_format *f = rq->f;
+    for (int64_t gi = 0; gi < rq->ng; gi++) {
+        int64_t si = (p * rq->ng + gi) * QN_PANEL + n;
+        if (qn_fmt_nested(f)) {
+            ((uint8_t *)out->scales)[si] = 0;
+            if (out->offsets) ((uint8_t *)out->offsets)[si] = 0;
+        } else {
+            store_scale(out->scales, f->scale, si, 0.0f);
+            if (f->offset == QN_OFF_ZERO) ((uint8_t *)out->offsets)[si] = 0;
+            else if (f->offset == QN_OFF_MIN) store_scale(out->offsets, f->scale, si, 0.0f);
+        }
+    }
+    for (int64_t s = 0; s < rq->nsb && qn_fmt_nested(f); s++) {
+        out->supers[(p * rq->nsb + s) * QN_PANEL + n] = 0;
+        if (out->super_mins) out->super_mins[(p * rq->nsb + s) * QN_PANEL + n] = 0;
+    }
+}
+
 int64_t qn_quantize_workspace_size(const qn_format *f, int64_t K, int nthreads) {
     int64_t Kp = qn_fmt_kpad(f, K);
     /* per thread: 16 rows of codes + one row padded with zeros */
@@ -392,19 +499,11 @@ qn_status qn_quantize(const qn_format *f, const float *w, int64_t N, int64_t K, 
     if (st) return st;
     if ((st = qn_format_check_k(f, K))) return st;
     if (N <= 0 || ldw < K) return qn_set_error(QN_EINVAL, "quantize: bad shape N=%lld ldw=%lld", (long long)N, (long long)ldw);
-int nth = qn_omp_max_threads();
+    int nth = qn_omp_max_threads();
     if (ws_bytes < qn_quantize_workspace_size(f, K, nth)) return qn_set_error(QN_EINVAL, "quantize: workspace too small");
-    int64_t Kp = qn_fmt_kpad(f, K), ng = qn_fmt_ngroups(f, K), g = qn_fmt_group(f, K);
-    int64_t np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
-    int64_t nsb = Kp / QN_SUPER;
-    lut_sorted ls;
-    if (f->kind == QN_LUT) lut_sort(&ls, f->lut, 1 << f->bits, f->lut_kind);
-    int rule = f->rule;
-    if (rule == QN_RULE_DEFAULT) {
-        if (f->kind == QN_SYM) rule = f->bits == 8 ? QN_RULE_Q8_0 : QN_RULE_Q4_0;
-        else if (f->kind == QN_ASYM && f->offset == QN_OFF_MIN) rule = QN_RULE_Q4_1;
-    }
-    if (qn_fmt_nested(f)) rule = QN_RULE_KQUANT;
+    row_quantizer rq;
+    row_quantizer_init(&rq, f, K);
+    int64_t Kp = rq.Kp, np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
     char *ws0 = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
@@ -416,84 +515,134 @@ int nth = qn_omp_max_threads();
         for (int n = 0; n < QN_PANEL; n++) {
             int64_t row = p * QN_PANEL + n;
             if (row >= N) {
-                /* padding rows: codes 0 and zero scales, so they contribute nothing */
-                for (int64_t gi = 0; gi < ng; gi++) {
-                    int64_t si = (p * ng + gi) * QN_PANEL + n;
-                    if (qn_fmt_nested(f)) {
-                        ((uint8_t *)out->scales)[si] = 0;
-                        if (out->offsets) ((uint8_t *)out->offsets)[si] = 0;
-                    } else {
-                        store_scale(out->scales, f->scale, si, 0.0f);
-                        if (f->offset == QN_OFF_ZERO) ((uint8_t *)out->offsets)[si] = 0;
-                        else if (f->offset == QN_OFF_MIN) store_scale(out->offsets, f->scale, si, 0.0f);
-                    }
-                }
-                for (int64_t s = 0; s < nsb && qn_fmt_nested(f); s++) {
-                    out->supers[(p * nsb + s) * QN_PANEL + n] = 0;
-                    if (out->super_mins) out->super_mins[(p * nsb + s) * QN_PANEL + n] = 0;
-                }
+                zero_row_scales(&rq, p, n, out);
                 continue;
             }
             memcpy(xr, w + row * ldw, (size_t)K * sizeof(float));
             for (int64_t k = K; k < Kp; k++) xr[k] = 0.0f;
-            uint8_t *qr = rows + n * Kp;
-            if (rule == QN_RULE_KQUANT) {
-                for (int64_t s = 0; s < nsb; s++) {
-                    int64_t sbi = (p * nsb + s) * QN_PANEL + n;
-                    int64_t gpb = QN_SUPER / g; /* groups per super-block */
-                    uint8_t scb[16], mnb[16];
-                    if (f->scale == QN_SCALE_NESTED_U6) {
-                        rule_kq_asym(xr + s * QN_SUPER, f->bits, qr + s * QN_SUPER, scb, mnb, &out->supers[sbi],
-                                     &out->super_mins[sbi]);
-                        for (int64_t j = 0; j < gpb; j++) {
-                            int64_t si = (p * ng + s * gpb + j) * QN_PANEL + n;
-                            ((uint8_t *)out->scales)[si] = scb[j];
-                            ((uint8_t *)out->offsets)[si] = mnb[j];
-                        }
-                    } else {
-                        rule_kq_sym6(xr + s * QN_SUPER, qr + s * QN_SUPER, (int8_t *)scb, &out->supers[sbi]);
-                        for (int64_t j = 0; j < gpb; j++)
-                            ((int8_t *)out->scales)[(p * ng + s * gpb + j) * QN_PANEL + n] = ((int8_t *)scb)[j];
-                    }
-                }
-                continue;
-            }
-            for (int64_t gi = 0; gi < ng; gi++) {
-                int64_t k0 = gi * g, kn = qn_min64(g, Kp - k0);
-                int64_t si = (p * ng + gi) * QN_PANEL + n;
-                const float *xg = xr + k0;
-                uint8_t *qg = qr + k0;
-                float d = 0.0f, m = 0.0f;
-                int z = 0;
-                switch (f->kind) {
-                case QN_SYM:
-                    if (rule == QN_RULE_Q8_0) rule_q8_0(xg, (int)kn, f->bits, qg, &d);
-                    else rule_q4_0(xg, (int)kn, f->bits, qg, &d);
-                    store_scale(out->scales, f->scale, si, d);
-                    break;
-                case QN_ASYM:
-                    if (f->offset == QN_OFF_MIN) {
-                        rule_q4_1(xg, (int)kn, f->bits, qg, &d, &m);
-                        store_scale(out->scales, f->scale, si, d);
-                        store_scale(out->offsets, f->scale, si, m);
-                    } else {
-                        rule_zero(xg, (int)kn, f->bits, f->scale, qg, &d, &z);
-                        store_scale(out->scales, f->scale, si, d);
-                        ((uint8_t *)out->offsets)[si] = (uint8_t)z;
-                    }
-                    break;
-                default:
-                    rule_lut(xg, (int)kn, &ls, f->scale, qg, &d);
-                    store_scale(out->scales, f->scale, si, d);
-                    break;
-                }
-            }
+            quantize_row_range(&rq, xr, rows + n * Kp, 0, Kp, p, n, out);
         }
         /* padding inputs beyond K hold code 0 */
         for (int n = 0; n < QN_PANEL; n++)
             for (int64_t k = K; k < Kp; k++) rows[n * Kp + k] = 0;
         pack_panel(out->codes + p * pbytes, rows, Kp, QN_PANEL, f->bits, Kp);
     }
+    return QN_OK;
+}
+
+/* ---- GPTQ ---- */
+
+/* The code whose value s * (q - z) + o (or s * lut[q]) lies nearest x. */
+static inline uint8_t code_for(const row_quantizer *rq, float x, float s, int32_t z, float o) {
+    const qn_format *f = rq->f;
+    if (f->kind == QN_LUT) return lut_nearest(&rq->ls, s != 0.0f ? x / s : 0.0f);
+    int qmax = (1 << f->bits) - 1;
+    if (s == 0.0f) return (uint8_t)clampi(z, 0, qmax);
+    return (uint8_t)clampi(nearest((x - o) / s) + z, 0, qmax);
+}
+
+static inline float value_of(const row_quantizer *rq, uint8_t q, float s, int32_t z, float o) {
+    if (rq->f->kind == QN_LUT) return s * rq->f->lut[q];
+    return s * (float)((int32_t)q - z) + o;
+}
+
+qn_status qn_gptq(const qn_format *f, const float *W, int64_t N, int64_t K, const float *U, const int64_t *cols,
+                  int64_t block, int static_params, qn_qweight_out *out, double *loss) {
+    qn_status st = qn_format_check(f);
+    if (st) return st;
+    if ((st = qn_format_check_k(f, K))) return st;
+    if (N <= 0) return qn_set_error(QN_EINVAL, "gptq: N must be positive");
+    if (block <= 0) return qn_set_error(QN_EINVAL, "gptq: block must be positive, got %lld", (long long)block);
+    row_quantizer rq;
+    row_quantizer_init(&rq, f, K);
+    int64_t Kp = rq.Kp, g = rq.g, span = qn_fmt_nested(f) ? QN_SUPER : g;
+    if (cols && !static_params)
+        return qn_set_error(QN_EINVAL, "gptq: a column order needs the group parameters fixed beforehand");
+    if (!static_params && span < K && block % span && span % block)
+        return qn_set_error(QN_EINVAL, "gptq: block %lld and parameter span %lld must divide one another",
+                            (long long)block, (long long)span);
+    if (cols) {
+        for (int64_t j = 0; j < K; j++)
+            if (cols[j] < 0 || cols[j] >= K) return qn_set_error(QN_EINVAL, "gptq: column order entry %lld out of range", (long long)j);
+    }
+    for (int64_t j = 0; j < K; j++)
+        if (!(U[j * K + j] > 0.0f)) /* also catches NaN */
+            return qn_set_error(QN_EINVAL, "gptq: the Cholesky factor has a non-positive diagonal at %lld", (long long)j);
+    int64_t np = qn_npanels(N), pbytes = (Kp / QN_CHUNK) * QN_CHUNK_BYTES(f->bits);
+    if (block > K) block = K;
+    qn_qweight fw = {f, N, K, out->codes, out->scales, out->offsets, out->supers, out->super_mins};
+    /* per panel: 16 working rows, 16 code rows, the block's scaled errors, one padded row */
+    int64_t per = QN_PANEL * K * 4 + QN_PANEL * Kp + QN_PANEL * block * 4 + Kp * 4 + Kp + 256;
+    int nth = qn_omp_max_threads();
+    char *ws = (char *)malloc((size_t)(per * nth));
+    if (!ws) return qn_set_error(QN_ENOMEM, "gptq: out of memory (%lld bytes)", (long long)(per * nth));
+    double total = 0.0;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) reduction(+ : total)
+    for (int64_t p = 0; p < np; p++) {
+        char *base = ws + (int64_t)qn_omp_thread_id() * per;
+        float *wp = (float *)base;
+        uint8_t *qr = (uint8_t *)(wp + QN_PANEL * K);
+        float *err = (float *)(((uintptr_t)(qr + QN_PANEL * Kp) + 63) & ~(uintptr_t)63);
+        float *xr = err + QN_PANEL * block;
+        uint8_t *tq = (uint8_t *)(xr + Kp);
+        int nr = (int)qn_min64(QN_PANEL, N - p * QN_PANEL);
+        memcpy(wp, W + p * QN_PANEL * K, (size_t)(nr * K) * sizeof(float));
+        memset(qr, 0, (size_t)(QN_PANEL * Kp));
+        qn_qtile t;
+        qn_qtile_for_panels(&t, &fw, p, 1);
+        int64_t cur[QN_PANEL];
+        float sc[QN_PANEL], of[QN_PANEL];
+        int32_t zp[QN_PANEL];
+        for (int n = 0; n < QN_PANEL; n++) cur[n] = -1;
+        double acc = 0.0;
+        for (int64_t jb = 0; jb < K; jb += block) {
+            int64_t je = qn_min64(jb + block, K);
+            for (int64_t j = jb; j < je; j++) {
+                int64_t oc = cols ? cols[j] : j;
+                if (!static_params && j % span == 0) {
+                    /* the parameters of the next span, from the rows as updated so far */
+                    int64_t k1 = qn_min64(j + span, Kp);
+                    for (int n = 0; n < nr; n++) {
+                        for (int64_t k = j; k < k1; k++) xr[k] = k < K ? wp[n * K + k] : 0.0f;
+                        quantize_row_range(&rq, xr, tq, j, k1, p, n, out);
+                        cur[n] = -1;
+                    }
+                }
+                const float *Uj = U + j * K;
+                float d = Uj[j];
+                for (int n = 0; n < nr; n++) {
+                    int64_t gi = oc / g;
+                    if (cur[n] != gi) {
+                        qn_qtile_group_scale(&t, 0, gi, n, &sc[n], &zp[n], &of[n]);
+                        cur[n] = gi;
+                    }
+                    float *row = wp + n * K;
+                    float x = row[j];
+                    uint8_t q = code_for(&rq, x, sc[n], zp[n], of[n]);
+                    float r = x - value_of(&rq, q, sc[n], zp[n], of[n]);
+                    float e = r / d;
+                    qr[n * Kp + oc] = q;
+                    err[n * block + (j - jb)] = e;
+                    acc += 0.5 * (double)e * (double)e;
+                    for (int64_t k = j + 1; k < je; k++) row[k] -= e * Uj[k];
+                }
+            }
+            /* the block's errors reach the later columns in one pass (lazy batch update) */
+            for (int64_t j = jb; j < je; j++) {
+                const float *Uj = U + j * K;
+                for (int n = 0; n < nr; n++) {
+                    float e = err[n * block + (j - jb)];
+                    float *row = wp + n * K;
+                    for (int64_t k = je; k < K; k++) row[k] -= e * Uj[k];
+                }
+            }
+        }
+        total += acc;
+        pack_panel(out->codes + p * pbytes, qr, Kp, QN_PANEL, f->bits, Kp);
+    }
+    free(ws);
+    if (loss) *loss = total;
     return QN_OK;
 }
 

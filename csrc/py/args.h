@@ -64,6 +64,7 @@ int qn_py_get_qweight(const char *op, const qn_format *f, int64_t N, int64_t K, 
 /* Binding entry points defined in py_*.c, listed in module.c's method table. */
 PyObject *qn_py_make_format(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qn_py_gptq(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_pack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qn_py_unpack_codes(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

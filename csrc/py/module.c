@@ -80,6 +80,8 @@ static PyMethodDef methods[] = {
      "make_format(bits, group, kind, offset, scale, rule, lut_kind, lut) -> bytes"},
     {"quantize", (PyCFunction)(void (*)(void))qn_py_quantize, METH_FASTCALL,
      "quantize(w, fmt, codes, scales, offsets, supers, super_mins)"},
+    {"gptq", (PyCFunction)(void (*)(void))qn_py_gptq, METH_FASTCALL,
+     "gptq(W, fmt, U, cols, block, static_params, codes, scales, offsets, supers, super_mins) -> loss"},
     {"dequantize", (PyCFunction)(void (*)(void))qn_py_dequantize, METH_FASTCALL,
      "dequantize(fmt, N, K, codes, scales, offsets, supers, super_mins) -> float32[N, K]"},
     {"pack_codes", (PyCFunction)(void (*)(void))qn_py_pack_codes, METH_FASTCALL,

@@ -127,6 +127,46 @@ PyObject *qn_py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* gptq(W[N, K] f32, fmt, U[K, K] f32, cols int64[K] or None, block, static_params,
+ *      codes, scales, offsets, supers, super_mins) -> loss */
+PyObject *qn_py_gptq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (qn_py_check_nargs("gptq", nargs, 11)) return NULL;
+    qn_arrspec sw = {"gptq", "W", QN_DT_F32, 2, {-1, -1, -1, -1}, 0, 0, 1};
+    PyArrayObject *w = qn_check_array(args[0], &sw);
+    if (!w) return NULL;
+    const qn_format *f = qn_py_format(args[1], "gptq");
+    if (!f) return NULL;
+    int64_t N = PyArray_DIM(w, 0), K = PyArray_DIM(w, 1);
+    if (N == 0 || K == 0) return PyErr_Format(PyExc_ValueError, "gptq: W must not be empty, got shape (%lld, %lld)", (long long)N, (long long)K);
+    qn_arrspec su = {"gptq", "U", QN_DT_F32, 2, {K, K, -1, -1}, 0, 0, 1};
+    PyArrayObject *u = qn_check_array(args[2], &su);
+    if (!u) return NULL;
+    const int64_t *cols = NULL;
+    if (args[3] != Py_None) {
+        qn_arrspec sc = {"gptq", "cols", QN_DT_I64, 1, {K, -1, -1, -1}, 0, 0, 1};
+        PyArrayObject *c = qn_check_array(args[3], &sc);
+        if (!c) return NULL;
+        cols = (const int64_t *)PyArray_DATA(c);
+    }
+    int64_t block, stat;
+    if (qn_py_get_i64(args[4], "gptq", "block", &block) || qn_py_get_i64(args[5], "gptq", "static_params", &stat))
+        return NULL;
+    qn_qweight qw;
+    if (get_qweight("gptq", f, N, K, args + 6, 1, &qw)) return NULL;
+    qn_qweight_out out = {(uint8_t *)qw.codes, (void *)qw.scales, (void *)qw.offsets, (uint16_t *)qw.supers,
+                          (uint16_t *)qw.super_mins};
+    qn_py_apply_threads();
+    qn_status st;
+    double loss = 0.0;
+    const float *W = (const float *)PyArray_DATA(w), *U = (const float *)PyArray_DATA(u);
+    Py_BEGIN_ALLOW_THREADS
+    st = qn_gptq(f, W, N, K, U, cols, block, stat != 0, &out, &loss);
+    Py_END_ALLOW_THREADS
+    if (st) return qn_raise_status(st);
+    return PyFloat_FromDouble(loss);
+}
+
 /* dequantize(fmt, N, K, codes, scales, offsets, supers, super_mins) -> float32[N, K] */
 PyObject *qn_py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;

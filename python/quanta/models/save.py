@@ -143,11 +143,13 @@ def _order(name: str):
     return (0, int(head), rest) if head.isdigit() else (1, 0, name)
 
 
-def save_model(src: Optional[str], dst: str, quant, progress: bool = True) -> SaveReport:
+def save_model(src: Optional[str], dst: str, quant, progress: bool = True, source=None) -> SaveReport:
     """Converts a model (src: a GGUF file, a Hugging Face folder, a quanta file, or None for the
     default model) with `quant` (as in `load`: a format name, "float16", a Format, or a dict of
     patterns on canonical names) and writes one .safetensors file that `load(dst)` rebuilds
     into the model `load(src, quant=quant)` gives, byte for byte. Returns a SaveReport.
+    source: (config, canonical tensors, tokenizer) to write instead of reading src (tensors
+    may already be QuantizedTensors, e.g. from quanta.research).
     """
     from .. import __version__
     from ..io.safetensors import save_safetensors
@@ -158,7 +160,7 @@ def save_model(src: Optional[str], dst: str, quant, progress: bool = True) -> Sa
         raise ValueError(f"save_model: the destination must be a .safetensors file, got {dst!r}")
     t0 = time.perf_counter()
     rule = quant_rule(quant)  # bad format names fail before the source is read
-    cfg, tensors, tok = read_source(src)
+    cfg, tensors, tok = read_source(src) if source is None else source
     if "embed" not in tensors:
         raise ValueError(f"{src}: model file has no tensor for 'embed' (architecture {cfg.arch})")
 
