@@ -314,3 +314,105 @@ def moe(x, router_w, experts, top_k, scoring="softmax", renormalize=True, bias=N
     logits = np.asarray(x, np.float32) @ np.asarray(router_w, np.float32).T
     w, ids = moe_route(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)
     return moe_experts(x, w, ids, experts, shared, act_quant)
+
+
+# ---- GPTQ -------------------------------------------------------------------------------------
+
+def _group_params(w: QuantizedTensor):
+    """float32 (s, z, o) [N, n_groups]: w = s * (q - z) + o (lut: s * lut[q]), computed in
+    float32 as the C kernels decode them."""
+    f = w.format
+    N = w.shape[0]
+    f32 = np.float32
+    if f.scale == "bf16":
+        s = (_per_row(w.scales, N).astype(np.uint32) << 16).view(f32)
+    else:
+        s = _per_row(w.scales, N).astype(f32)
+    z = np.zeros_like(s)
+    o = np.zeros_like(s)
+    if f.nested:
+        g = f.group
+        d = np.repeat(_per_row(w.supers, N).astype(f32), SUPER // g, axis=1)
+        s = (d * s).astype(f32)
+        if f.scale == "nested_u6":
+            dmin = np.repeat(_per_row(w.super_mins, N).astype(f32), SUPER // g, axis=1)
+            o = -(dmin * _per_row(w.offsets, N).astype(f32))
+        else:
+            z[:] = 2 ** (f.bits - 1)
+    elif f.kind == "sym":
+        z[:] = 2 ** (f.bits - 1)
+    elif f.offset == "zero":
+        z = _per_row(w.offsets, N).astype(f32)
+    elif f.offset == "min":
+        o = (_per_row(w.offsets, N).astype(np.uint32) << 16).view(f32) if f.scale == "bf16" else \
+            _per_row(w.offsets, N).astype(f32)
+    return s, z, o
+
+
+def _nearest_codes(f, x, s, z, o):
+    """Codes nearest x (float32 vectors) given per-element group parameters."""
+    f32 = np.float32
+    if f.kind == "lut":
+        t = np.where(s != 0, x / np.where(s != 0, s, f32(1)), f32(0)).astype(f32)
+        table = np.asarray(f.lut, f32)
+        vals, first = np.unique(table, return_index=True)  # sorted; the lowest code of equal values
+        if f.lut_kind != "table":
+            t = np.clip(t, vals[0], vals[-1])
+        mids = (f32(0.5) * (vals[:-1] + vals[1:])).astype(f32)
+        return first[np.searchsorted(mids, t, side="left")].astype(np.uint8)
+    qmax = 2 ** f.bits - 1
+    safe = np.where(s != 0, s, f32(1))
+    v = np.clip(((x - o) / safe).astype(f32), -4194304, 4194304)
+    q = np.rint(v) + z
+    return np.where(s != 0, np.clip(q, 0, qmax), np.clip(z, 0, qmax)).astype(np.uint8)
+
+
+def _values(f, q, s, z, o):
+    f32 = np.float32
+    if f.kind == "lut":
+        return (s * np.asarray(f.lut, f32)[q]).astype(f32)
+    return (s * (q.astype(f32) - z) + o).astype(f32)
+
+
+def gptq(w: np.ndarray, U: np.ndarray, fmt, cols=None, block: int = 128, static_params: bool = False):
+    """Reference of _C.gptq: float32 NumPy with the kernel's operation order, one row at a
+    time. w [N, K] in processing order, U [K, K] upper Cholesky factor of H^-1 (same
+    order), cols the input index of each processing column. Returns (codes uint8 [N, K] in
+    input order, group parameters (s, z, o) [N, n_groups], loss)."""
+    from . import formats as F
+    f = F.get(fmt)
+    w = np.array(w, np.float32)
+    U = np.asarray(U, np.float32)
+    N, K = w.shape
+    cols = np.arange(K) if cols is None else np.asarray(cols)
+    g = f.group or f.kpad(K)
+    span = SUPER if f.nested else g
+    block = min(block, K)
+    codes = np.zeros((N, K), np.uint8)
+    G = f.kpad(K) // g
+    s, z, o = (np.zeros((N, G), np.float32) for _ in range(3))
+    if static_params:
+        s, z, o = _group_params(F.quantize(w[:, np.argsort(cols)], f))
+    loss = 0.0
+    for jb in range(0, K, block):
+        je = min(jb + block, K)
+        err = np.zeros((N, je - jb), np.float32)
+        for j in range(jb, je):
+            oc = int(cols[j])
+            if not static_params and j % span == 0:
+                k1 = min(j + span, K)
+                ps, pz, po = _group_params(F.quantize(np.ascontiguousarray(w[:, j:k1]), f))
+                g0 = j // g
+                n_g = min(ps.shape[1], G - g0)
+                s[:, g0:g0 + n_g], z[:, g0:g0 + n_g], o[:, g0:g0 + n_g] = ps[:, :n_g], pz[:, :n_g], po[:, :n_g]
+            gi = oc // g
+            x = w[:, j].copy()
+            q = _nearest_codes(f, x, s[:, gi], z[:, gi], o[:, gi])
+            e = ((x - _values(f, q, s[:, gi], z[:, gi], o[:, gi])) / U[j, j]).astype(np.float32)
+            codes[:, oc] = q
+            err[:, j - jb] = e
+            loss += float(0.5 * np.sum(e.astype(np.float64) ** 2))
+            w[:, j + 1:je] -= e[:, None] * U[j, j + 1:je][None, :]
+        for j in range(jb, je):
+            w[:, je:] -= err[:, j - jb][:, None] * U[j, je:][None, :]
+    return codes, (s, z, o), loss

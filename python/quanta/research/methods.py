@@ -161,20 +161,20 @@ def _prev_scale(s: np.ndarray, tie: Optional[np.ndarray], n_prev: int) -> np.nda
 
 
 def awq(fm: FloatModel, calib: Calibration, fmt, grid: int = 20, progress: bool = True,
-        alphas: Optional[dict] = None) -> Dict[str, object]:
+        chosen: Optional[dict] = None) -> Dict[str, object]:
     """AWQ: for each input of each block, scales s = a^alpha / sqrt(max * min) with a the
     channels' RMS over the calibration rows, alpha in {0, 1/grid, ..., (grid-1)/grid} chosen
     to minimize the summed `layer_error` of the linears reading that input (alpha = 0 is RTN,
     so the chosen scales never do worse than RTN on that objective); weights quantized as
     W diag(s), 1/s folded into the previous op. Returns the quantized linears and the
-    rescaled norms and rows; `alphas` (a dict), when given, receives site -> chosen alpha.
+    rescaled norms and rows; `chosen` (a dict), when given, receives site -> (alpha, s).
     The o and down inputs go first: their scales fold into v's and up's rows, which are
     then quantized (rescaled) with q/k and gate."""
     f = _fmt(fmt)
     if grid < 1:
         raise ValueError(f"awq: grid must be >= 1, got {grid}")
     out: Dict[str, object] = {}
-    alphas = {} if alphas is None else alphas
+    chosen = {} if chosen is None else chosen
     for layer in _progress(range(fm.config.n_layers), progress, f"awq {f}"):
         for site, names, kind, prev, tie in _scale_groups(fm, layer):
             Hs = calib.H[site]
@@ -195,7 +195,7 @@ def awq(fm: FloatModel, calib: Calibration, fmt, grid: int = 20, progress: bool 
                 if err < best[0]:
                     best = (err, alpha, (s, qs))
             _, alpha, (s, qs) = best
-            alphas[site] = alpha
+            chosen[site] = (alpha, s)
             for n, q in zip(names, qs):
                 out[n] = q
             n_prev = fm.tensors[prev].shape[0]
