@@ -9,6 +9,7 @@ from quanta import formats as F
 from quanta import reference as R
 from quanta import research as RS
 from quanta.research.methods import _scale_groups
+from tolerances import assert_close
 
 
 def _inputs(rng, N, K, correlated=False):
@@ -42,6 +43,9 @@ def test_gptq_matches_reference(name, K, act_order, rng):
     np.testing.assert_array_equal(qt.unpacked_codes(), codes)
     for a, b in zip(R._group_params(qt), params):
         np.testing.assert_array_equal(a, b)
+    g = f.group or f.kpad(K)
+    s_, z_, o_ = (np.repeat(p, g, axis=1)[:, :K] for p in params)
+    assert_close(qt.dequantize(), R._values(f, codes, s_, z_, o_), "gptq", name)
     # and the C loss agrees with the reference's
     Hd = H.copy()
     Hd[np.diag_indices(K)] += 0.01 * np.mean(np.diag(Hd))

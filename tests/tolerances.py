@@ -15,6 +15,9 @@ TOL = {
     "qmatmul_lut": dict(rel_l2=2e-6, max_abs_rel=2e-5),
     # int formats vs float x (int8 activation quantization per block of <= 256)
     "qmatmul_float_x": dict(rel_l2=2e-2, max_abs_rel=1e-1),
+    # GPTQ vs reference.gptq: the same float32 operations in the same order, so codes, group
+    # parameters and dequantized values are equal bit for bit
+    "gptq": dict(rel_l2=0.0, max_abs_rel=0.0),
     # float matmul, fp32 accumulation
     "matmul_f32": dict(rel_l2=2e-6, max_abs_rel=2e-5),
     # GPU qmatmul vs reference.qmatmul (float x, no activation quantization): the GEMV path

@@ -126,6 +126,52 @@ static void test_errors(void) {
     free_q(&q);
 }
 
+/* GPTQ with U = I spreads no error (every later column's weight is 0): it must keep
+ * round-to-nearest's group parameters and pick, per weight, the nearest value they allow
+ * (RTN's rules may round with the unrounded scale, so no weight may end up farther than
+ * RTN's); with a real factor it must stay a valid quantization (finite loss, the same
+ * parameters as RTN when they are fixed). */
+static void test_gptq(const qn_format *f, int64_t N, int64_t K) {
+    float *w = xalloc((size_t)(N * K * 4)), *U = xalloc((size_t)(K * K * 4));
+    for (int64_t i = 0; i < N * K; i++) w[i] = nrand();
+    for (int64_t j = 0; j < K; j++) U[j * K + j] = 1.0f;
+    qbuf rtn, g;
+    make_q(&rtn, f, w, N, K);
+    make_q(&g, f, w, N, K);
+    int64_t np = qn_npanels(N), Kp = qn_fmt_kpad(f, K), ng = qn_fmt_ngroups(f, K);
+    size_t cb = (size_t)(np * (Kp / 32) * QN_CHUNK_BYTES(f->bits));
+    size_t sb = (size_t)(np * ng * 16 * (qn_fmt_nested(f) ? 1 : qn_scale_bytes(f->scale)));
+    memset(g.o.codes, 0, cb);
+    memset(g.o.scales, 0, sb);
+    double loss = -1;
+    qn_status st = qn_gptq(f, w, N, K, U, NULL, 64, 0, &g.o, &loss);
+    CHECK(st == QN_OK, "gptq: %s", qn_last_error());
+    CHECK(memcmp(g.o.scales, rtn.o.scales, sb) == 0, "gptq with U = I changed RTN's scales (bits %d group %d)",
+          f->bits, f->group);
+    float *dr = xalloc((size_t)(N * K * 4)), *dg = xalloc((size_t)(N * K * 4));
+    CHECK(qn_dequantize(dr, &rtn.w, K) == QN_OK && qn_dequantize(dg, &g.w, K) == QN_OK, "dequantize");
+    int farther = 0;
+    for (int64_t i = 0; i < N * K; i++) farther += fabsf(dg[i] - w[i]) > fabsf(dr[i] - w[i]) * (1 + 1e-6f) + 1e-7f;
+    CHECK(farther == 0, "gptq with U = I put %d weights farther than RTN (bits %d group %d)", farther, f->bits,
+          f->group);
+    free(dr);
+    free(dg);
+    CHECK(loss >= 0, "gptq loss %g", loss);
+    /* a dense upper factor: errors spread; with fixed parameters the scales stay RTN's */
+    for (int64_t j = 0; j < K; j++)
+        for (int64_t k = j; k < K; k++) U[j * K + k] = k == j ? 1.0f + 0.01f * (float)(j % 5) : 0.3f * nrand();
+    memset(g.o.codes, 0, cb);
+    st = qn_gptq(f, w, N, K, U, NULL, 32, 1, &g.o, &loss);
+    CHECK(st == QN_OK && loss >= 0 && isfinite(loss), "gptq static: %s", qn_last_error());
+    CHECK(memcmp(g.o.scales, rtn.o.scales, sb) == 0, "gptq with fixed parameters changed them");
+    U[3 * K + 3] = 0.0f;
+    CHECK(qn_gptq(f, w, N, K, U, NULL, 32, 1, &g.o, &loss) == QN_EINVAL, "zero diagonal accepted");
+    free_q(&rtn);
+    free_q(&g);
+    free(w);
+    free(U);
+}
+
 int main(void) {
     qn_dispatch_init();
     printf("best path: %s\n", qn_isa_name(qn_cpu_best_isa()));
@@ -144,6 +190,10 @@ int main(void) {
     kq4.rule = kq6.rule = QN_RULE_KQUANT;
     test_paths(&kq4, 3, 40, 512);
     test_paths(&kq6, 7, 17, 256);
+    qn_format gf[] = {fmt(4, 32, QN_SYM, 0, QN_SCALE_F16), fmt(4, 128, QN_ASYM, QN_OFF_ZERO, QN_SCALE_F16),
+                      fmt(3, 64, QN_ASYM, QN_OFF_MIN, QN_SCALE_BF16), fmt(8, 0, QN_SYM, 0, QN_SCALE_F32),
+                      fmt(4, 64, QN_LUT, 0, QN_SCALE_F32), kq4, kq6};
+    for (size_t i = 0; i < sizeof gf / sizeof gf[0]; i++) test_gptq(&gf[i], 37, 320);
     qn_format fp8 = fmt(8, 0, QN_LUT, 0, QN_SCALE_F32);
     fp8.lut_kind = QN_LUT_FP8_E5M2;
     for (int i = 0; i < 256; i++) { /* e5m2 = the top byte of fp16; past 0x7B clamps */
