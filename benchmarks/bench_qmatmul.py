@@ -11,12 +11,14 @@ float32. Every kernel's output is checked against quanta.reference before it is 
 a wrong result prints no number. Medians of >= 10 runs; thread counts equal.
 
 --device cuda: the GPU kernels (quanta.cuda.qmatmul on device-resident weights) beside
-PyTorch: float16 ``x @ W.T`` (cuBLAS) for every format, and ``torch._scaled_mm`` (FP8
-e4m3 tensor cores, per-row scales) beside fp8_e4m3. Decode M = 1 reports effective weight
-GB/s against the device's peak bandwidth; prefill M = 16, 64, 512, 2048 reports TFLOP/s.
-Outputs are checked against quanta.reference before anything is timed; timing is the mean
-over >= 50 back-to-back launches between two synchronizations (CUDA events through torch
-when it is installed). Without a usable GPU it exits with the reason.
+PyTorch: float16 ``x @ W.T`` (cuBLAS) next to quanta.cuda.matmul on the same float16
+weights (its GEMV for M <= 16, mma.sync tensor cores above), every format, and
+``torch._scaled_mm`` (FP8 e4m3 tensor cores, per-row scales) beside fp8_e4m3. Decode M = 1
+reports effective weight GB/s against the device's peak bandwidth; prefill M = 16, 64, 512,
+2048 reports TFLOP/s. Outputs are checked against quanta.reference before anything is
+timed; timing is the mean over >= 50 back-to-back launches between two synchronizations
+(CUDA events through torch when it is installed). Without a usable GPU it exits with the
+reason.
 """
 from __future__ import annotations
 
@@ -170,10 +172,12 @@ def main_cuda(args):
     rng = np.random.default_rng(0)
     iters = 50 if args.quick else 200
     sync = cuda.default_stream(0).synchronize
-    results = {"device": dev["name"], "gemv": [], "gemm": []}
+    results = {"device": dev["name"], "gemv": [], "gemm": [], "matmul_f16": []}
     N = K = 4096
     w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
     wt = torch.from_numpy(w).to("cuda", torch.float16) if have_torch else None
+    w16 = w.astype(np.float16)
+    w16d = cuda.to_device(w16)
     if have_torch and cc >= (8, 9):
         w_amax = wt.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
         w_scale = (w_amax / 448.0).float()
@@ -189,6 +193,20 @@ def main_cuda(args):
             t = _gpu_time(lambda: xt @ wt.T, torch.cuda.synchronize, iters)
             rows.append([M, "torch f16 (cuBLAS)", f"{N * K * 2 / 1e6:.1f}", f"{t * 1e6:.1f}",
                          f"{N * K * 2 / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
+        path = cuda.matmul_path(np.float16, np.float16, M)
+        y = cuda.matmul(xd, w16d).numpy()
+        yr = reference.matmul(x, w16)
+        err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
+        if err > 1e-4:
+            rows.append([M, f"quanta matmul f16 [{path}]", "", "WRONG", f"rel err {err:.2e}", ""])
+        else:
+            out = cuda.Array((M, N), np.float16)
+            t = _gpu_time(lambda: cuda.matmul(xd, w16d, out=out), sync, iters)
+            rows.append([M, f"quanta matmul f16 [{path}]", f"{N * K * 2 / 1e6:.1f}", f"{t * 1e6:.1f}",
+                         f"{N * K * 2 / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
+            gbs = N * K * 2 / t / 1e9
+            results["matmul_f16"].append({"M": M, "path": path, "us": t * 1e6, "GBs": gbs,
+                                          "TFLOPs": flops / t / 1e12, "frac_peak_bw": gbs / peak})
         for name in fmts:
             qt = quanta.quantize(w, name)
             wd = qt.to("cuda")

@@ -5,6 +5,7 @@
  * the binding raises it as RuntimeError. Never exit or abort: after a kernel fault the CUDA
  * context is unusable and every later call reports it, which is the caller's to handle.
  * Build with -DQN_CUDA_DEBUG_SYNC to synchronize after each launch (finds the faulting kernel).
+ * Also the one cached device query the kernel launchers use to pick a path (qn_cuda_device_arch).
  */
 #ifndef QN_CUDA_COMMON_CUH
 #define QN_CUDA_COMMON_CUH
@@ -80,5 +81,10 @@ static inline qn_status qn_cuda_launch_status(const char *kernel, cudaStream_t s
         (st) = qn_cuda_launch_status(#kernel, (stream));                     \
         if ((st) != QN_OK) goto label;                                       \
     } while (0)
+
+/* Compute capability (10 * major + minor) into *cc and multiprocessor count into *sm_count
+ * (either may be NULL) of device dev, asked once per device and cached (thread-safe). QN_EINVAL
+ * names `op` when dev is negative or not below 64. */
+qn_status qn_cuda_device_arch(const char *op, int dev, int *cc, int *sm_count);
 
 #endif /* QN_CUDA_COMMON_CUH */

@@ -1,4 +1,5 @@
-/* device.cu — device discovery, versions and a toolchain self-test for quanta._cuda.
+/* device.cu — device discovery, versions, the cached compute capability and SM count the
+ * kernel launchers pick paths by, and a toolchain self-test for quanta._cuda.
  *
  * Discovery goes through the statically linked runtime (cudart), which loads the driver
  * (libcuda.so.1) on first use: without a driver or device every entry returns a status and
@@ -7,6 +8,8 @@
  * __CUDA_ARCH__ into out[n], then copies it back and compares.
  */
 #include <string.h>
+
+#include <atomic>
 
 #include "common.cuh"
 #include "qn_cuda.h"
@@ -104,6 +107,25 @@ extern "C" qn_status qn_cuda_device_info(int dev, struct qn_cuda_device *out) {
     out->mem_bus_bits = qn_cuda_attr(cudaDevAttrGlobalMemoryBusWidth, dev);
     /* double data rate: two transfers per memory clock */
     out->mem_bandwidth_gbs = 2.0 * out->mem_clock_khz * 1e3 * (out->mem_bus_bits / 8) / 1e9;
+    return QN_OK;
+}
+
+/* (cc << 32 | sm_count) per device; 0 until first asked (a real device has neither 0). */
+static std::atomic<int64_t> g_arch[64];
+
+qn_status qn_cuda_device_arch(const char *op, int dev, int *cc, int *sm_count) {
+    if (dev < 0 || dev >= 64) return qn_set_error(QN_EINVAL, "%s: device %d out of range", op, dev);
+    int64_t v = g_arch[dev].load();
+    if (v == 0) {
+        int major = 0, minor = 0, sms = 0;
+        QN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        QN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        QN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        v = (int64_t)(10 * major + minor) << 32 | (uint32_t)sms;
+        g_arch[dev].store(v);
+    }
+    if (cc) *cc = (int)(v >> 32);
+    if (sm_count) *sm_count = (int)(v & 0xFFFFFFFF);
     return QN_OK;
 }
 

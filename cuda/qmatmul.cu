@@ -20,10 +20,10 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include <atomic>
 #include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "qn_cuda.h"
 
 namespace {
@@ -159,15 +159,6 @@ __device__ __forceinline__ void dequant_lane(const QW &w, const float *lut, int6
     }
 }
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 /* x[k0 .. k0+7] of one row as floats, zeros at k >= K; `vec`: the row is 16-byte aligned. */
 template <typename XT>
 __device__ __forceinline__ void load_x8(const XT *row, int k0, int K, bool vec, float xv[8]) {
@@ -194,12 +185,6 @@ __device__ __forceinline__ void load_x8(const XT *row, int k0, int K, bool vec, 
     }
 #pragma unroll
     for (int i = 0; i < 8; i++) xv[i] = k0 + i < K ? to_f32(row[k0 + i]) : 0.0f;
-}
-
-__device__ __forceinline__ void store_y(void *y, int ydt, int64_t i, float v) {
-    if (ydt == 0) static_cast<float *>(y)[i] = v;
-    else if (ydt == 1) static_cast<__half *>(y)[i] = __float2half_rn(v);
-    else static_cast<__nv_bfloat16 *>(y)[i] = __float2bfloat16_rn(v);
 }
 
 /* ---- GEMV: M <= 16 ---- */
@@ -279,24 +264,6 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 /* ---- GEMM: tensor cores on f16 / bf16 tiles ---- */
-
-template <typename CT>
-__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (std::is_same<CT, __half>::value)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-__device__ __forceinline__ uint32_t lds32(const void *p) { return *static_cast<const uint32_t *>(p); }
 
 /* Output tile rows m0..m0+63 (x rows) x weight rows 16*p0 .. 16*p0+63 (4 panels); 4 warps in
  * 2x2, each 32x32 = 2 x 4 mma tiles. Per step of 64 inputs: x tile and dequantized W tile into
@@ -595,26 +562,6 @@ qn_status run_x(const Call &c, int path) {
     return qn_set_error(QN_EINVAL, "qmatmul (cuda): unsupported bits %d", c.w.bits);
 }
 
-/* Compute capability as 10 * major + minor, cached per device (-1: not yet asked). */
-std::atomic<int> g_cc[64];
-std::atomic<bool> g_cc_init{false};
-
-qn_status device_cc(int dev, int *cc) {
-    if (dev < 0 || dev >= 64) return qn_set_error(QN_EINVAL, "qmatmul (cuda): device %d out of range", dev);
-    if (!g_cc_init.exchange(true))
-        for (auto &v : g_cc) v.store(-1);
-    int v = g_cc[dev].load();
-    if (v < 0) {
-        int major = 0, minor = 0;
-        QN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-        QN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-        v = 10 * major + minor;
-        g_cc[dev].store(v);
-    }
-    *cc = v;
-    return QN_OK;
-}
-
 bool fp8_native_format(const qn_format *f) {
     return f->kind == QN_LUT && f->lut_kind == QN_LUT_FP8_E4M3 && f->group == 0 &&
            (f->scale == QN_SCALE_F32 || f->scale == QN_SCALE_F16 || f->scale == QN_SCALE_BF16);
@@ -644,7 +591,7 @@ extern "C" int64_t qn_cuda_qmatmul_workspace(const qn_qweight *w, int64_t M) {
 
 extern "C" qn_status qn_cuda_qmatmul_path(const qn_qweight *w, int64_t M, int dev, int *path) {
     int cc;
-    qn_status st = device_cc(dev, &cc);
+    qn_status st = qn_cuda_device_arch("qmatmul (cuda)", dev, &cc, NULL);
     if (st != QN_OK) return st;
     if (M <= QN_CUDA_GEMV_MAX_M || cc < 80) *path = QN_CUDA_PATH_GEMV;
     else if (cc >= 89 && fp8_native_format(w->fmt)) *path = QN_CUDA_PATH_FP8;
@@ -666,7 +613,7 @@ extern "C" qn_status qn_cuda_qmatmul(void *y, int ydt, int64_t ldy, const qn_qwe
     if (M == 0) return QN_OK;
     if (!x || !y) return qn_set_error(QN_EINVAL, "qmatmul (cuda): x and y must not be NULL");
     int cc;
-    st = device_cc(dev, &cc);
+    st = qn_cuda_device_arch("qmatmul (cuda)", dev, &cc, NULL);
     if (st != QN_OK) return st;
     if (path == QN_CUDA_PATH_AUTO) {
         st = qn_cuda_qmatmul_path(w, M, dev, &path);

@@ -107,13 +107,32 @@ qn_status qn_cuda_pointer_device(const void *ptr, int *dev);
  *     scale absmax / 448, mma.sync m16n8k32 e4m3, fp32 accumulation.
  * `path` forces one (QN_CUDA_PATH_*; a forced path the GPU cannot run is QN_EUNSUPPORTED).
  * `workspace`: device memory of qn_cuda_qmatmul_workspace(w, M) bytes (may be NULL when 0). */
-enum { QN_CUDA_PATH_AUTO = 0, QN_CUDA_PATH_GEMV = 1, QN_CUDA_PATH_GEMM = 2, QN_CUDA_PATH_FP8 = 3 };
+enum { QN_CUDA_PATH_AUTO = 0, QN_CUDA_PATH_GEMV = 1, QN_CUDA_PATH_GEMM = 2, QN_CUDA_PATH_FP8 = 3,
+       QN_CUDA_PATH_FMA = 4 /* float matmul only */ };
 #define QN_CUDA_GEMV_MAX_M 16
 int64_t qn_cuda_qmatmul_workspace(const qn_qweight *w, int64_t M);
 qn_status qn_cuda_qmatmul(void *y, int ydt, int64_t ldy, const qn_qweight *w, const void *x, int xdt,
                           int64_t ldx, int64_t M, void *workspace, int path, int dev, void *stream);
 /* The path QN_CUDA_PATH_AUTO takes for this weight, M and device (for tests and benchmarks). */
 qn_status qn_cuda_qmatmul_path(const qn_qweight *w, int64_t M, int dev, int *path);
+
+/* ---- float matmul ----
+ * y[M, N] = x[M, K] @ w[N, K]^T with fp32 accumulation. x, w: float32 / float16 / bfloat16
+ * (codes 0 / 1 / 2 in xdt, wdt; they may differ), row strides ldx, ldw elements; y: the same
+ * codes (ydt), row stride ldy. All are device pointers; M >= 0, N >= 1, K >= 1. Paths:
+ *   GEMV (M <= QN_CUDA_GEMV_MAX_M; larger M forced runs in slices of that many rows): a warp
+ *     per two weight rows streams them with 16-byte loads, x staged in shared memory as fp32,
+ *     fp32 FMA;
+ *   GEMM (sm_80+, x and w both float16 or both bfloat16): mma.sync m16n8k16 on shared-memory
+ *     tiles filled by cp.async, fp32 accumulation; products are exact, sums are the tensor
+ *     cores' (see tests/tolerances.py);
+ *   FMA (anything else with M > QN_CUDA_GEMV_MAX_M): 64 x 64 shared-memory tiles, fp32 FMA.
+ * `path` forces one of QN_CUDA_PATH_GEMV / GEMM / FMA (GEMM where it cannot run: QN_EUNSUPPORTED).
+ * No atomics: results are deterministic. */
+qn_status qn_cuda_matmul(void *y, int ydt, int64_t ldy, const void *x, int xdt, int64_t ldx, const void *w, int wdt,
+                         int64_t ldw, int64_t M, int64_t N, int64_t K, int path, int dev, void *stream);
+/* The path QN_CUDA_PATH_AUTO takes for these dtypes and M on device dev. */
+qn_status qn_cuda_matmul_path(int xdt, int wdt, int64_t M, int dev, int *path);
 
 #ifdef __cplusplus
 }

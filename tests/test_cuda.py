@@ -258,7 +258,7 @@ def test_qmatmul_gpu_x_needs_gpu_weight(small_qt):
         quanta.ops.qmatmul(FakeCAI((3, 256)), small_qt)
     with pytest.raises(TypeError, match=r"w.to\('cuda'\)"):
         quanta.ops.matmul(FakeCAI((3, 256)), small_qt)
-    with pytest.raises(NotImplementedError, match="float weights on the GPU"):
+    with pytest.raises(TypeError, match=r"w is a numpy array .*quanta.cuda.to_device\(w\)"):
         quanta.ops.matmul(FakeCAI((3, 256)), np.zeros((40, 256), np.float32))
 
 
@@ -290,6 +290,97 @@ def test_qmatmul_argument_checks_before_the_device(small_qt):
         q(FakeCAI((3, 256)), w, out=FakeCAI((3, 40), "<i4"))
     with pytest.raises(ValueError, match="backend must be 'auto' for GPU arrays"):
         q(FakeCAI((3, 256)), w, backend="reference")
+
+
+def test_matmul_argument_checks_before_the_device():
+    w = FakeCAI((40, 256), "<f2", ptr=0x20000)
+    m = quanta.ops.matmul
+    with pytest.raises(TypeError, match="matmul: x must be float32, float16 or bfloat16, got float64"):
+        m(FakeCAI((3, 256), "<f8"), w)
+    with pytest.raises(ValueError, match=r"x must have shape \(M, 256\), got float16 with shape \(3, 128\)"):
+        m(FakeCAI((3, 128)), w)
+    with pytest.raises(ValueError, match="matmul: x rows must be contiguous"):
+        m(FakeCAI((3, 256), strides=(1024, 4)), w)
+    with pytest.raises(ValueError, match="matmul: x row stride"):
+        m(FakeCAI((3, 256), strides=(300, 2)), w)
+    with pytest.raises(TypeError, match="matmul: w must be float32, float16 or bfloat16, got float64"):
+        m(FakeCAI((3, 256)), FakeCAI((40, 256), "<f8"))
+    with pytest.raises(TypeError, match="unsupported __cuda_array_interface__ typestr"):
+        m(FakeCAI((3, 256)), FakeCAI((40, 256), "<c8"))
+    with pytest.raises(ValueError, match=r"w must have shape \(N, K\), got float16 with shape \(2, 40, 256"):
+        m(FakeCAI((3, 256)), FakeCAI((2, 40, 256)))
+    with pytest.raises(ValueError, match=r"matmul: w must have N > 0 and K > 0, got shape \(0, 256\)"):
+        m(FakeCAI((3, 256)), FakeCAI((0, 256)))
+    with pytest.raises(ValueError, match="matmul: w rows must be contiguous"):
+        m(FakeCAI((3, 256)), FakeCAI((40, 256), strides=(1024, 4)))
+    with pytest.raises(ValueError, match="matmul: w row stride"):
+        m(FakeCAI((3, 256)), FakeCAI((40, 256), strides=(300, 2)))
+    with pytest.raises(TypeError, match="matmul: x is a GPU array, so w must be a GPU array"):
+        m(FakeCAI((3, 256)), [[0.0] * 256] * 40)
+    with pytest.raises(ValueError, match=r"matmul: out must have shape \(3, 40\)"):
+        m(FakeCAI((3, 256)), w, out=FakeCAI((3, 41), "<f4"))
+    with pytest.raises(TypeError, match="matmul: out must be float32, float16 or bfloat16"):
+        m(FakeCAI((3, 256)), w, out=FakeCAI((3, 40), "<i4"))
+    with pytest.raises(ValueError, match="matmul: out rows must be contiguous"):
+        m(FakeCAI((3, 256)), w, out=FakeCAI((3, 40), "<f4", strides=(320, 8)))
+    with pytest.raises(ValueError, match="matmul: path must be one of"):
+        cuda.matmul(FakeCAI((3, 256)), w, path="fp8")
+    with pytest.raises(TypeError, match="matmul_path: w_dtype must be float32, float16 or bfloat16"):
+        cuda.matmul_path(np.float16, np.int8, 4)
+
+
+def test_matmul_numpy_x_with_gpu_weight():
+    with pytest.raises(TypeError, match=r"w lives on the GPU .*quanta.cuda.to_device\(x\)"):
+        quanta.ops.matmul(np.zeros((3, 256), np.float32), FakeCAI((40, 256)))
+
+
+@no_gpu_only
+def test_without_gpu_matmul_raises_no_cuda_device():
+    for x, w in ((FakeCAI((3, 256)), FakeCAI((40, 256), ptr=0x20000)),
+                 (FakeCAI((2, 3, 256), "<f4"), FakeCAI((40, 256), "<f4", ptr=0x20000))):
+        with pytest.raises(RuntimeError, match="^no CUDA device: "):
+            quanta.ops.matmul(x, w)
+    with pytest.raises(RuntimeError, match="^no CUDA device: "):
+        cuda.matmul_path(np.float16, np.float16, 64)
+
+
+@needs_extension
+def test_matmul_binding_checks_before_the_device():
+    """qn_cuda_matmul checks its arguments before asking for a device: these run anywhere."""
+    from quanta import _cuda
+    with pytest.raises(TypeError, match="matmul takes 15 positional arguments, got 2"):
+        _cuda.matmul(1, 2)
+    with pytest.raises(TypeError, match="matmul_path takes 4 positional arguments, got 3"):
+        _cuda.matmul_path(0, 0, 1)
+    with pytest.raises(TypeError, match="matmul: x must be a non-negative int address"):
+        _cuda.matmul(0, 0, 4, "x", 0, 8, 0, 0, 8, 1, 4, 8, 0, 0, 0)
+    # y, ydt, ldy, x, xdt, ldx, w, wdt, ldw, M, N, K, path, device, stream
+    ok = [0x1000, 0, 4, 0x2000, 1, 8, 0x3000, 1, 8, 3, 4, 8, 0, 0, 0]
+
+    def call(**changes):
+        args = list(ok)
+        names = "y ydt ldy x xdt ldx w wdt ldw M N K path device stream".split()
+        for k, v in changes.items():
+            args[names.index(k)] = v
+        return _cuda.matmul(*args)
+
+    with pytest.raises(ValueError, match="dtype codes must be 0, 1 or 2, got x 1, w 3, y 0"):
+        call(wdt=3)
+    with pytest.raises(ValueError, match="M = -1 out of range"):
+        call(M=-1)
+    with pytest.raises(ValueError, match=r"w shape \(0, 8\) out of range"):
+        call(N=0)
+    with pytest.raises(ValueError, match=r"w shape \(4, 0\) out of range"):
+        call(K=0, ldx=0, ldw=0)
+    with pytest.raises(ValueError, match="row strides ldx = 7, ldw = 8, ldy = 4 are below K = 8, N = 4"):
+        call(ldx=7)
+    with pytest.raises(ValueError, match="row strides ldx = 8, ldw = 8, ldy = 3 are below K = 8, N = 4"):
+        call(ldy=3)
+    with pytest.raises(ValueError, match="unknown path 3"):
+        call(path=3)
+    with pytest.raises(ValueError, match="must not be NULL"):
+        call(w=0)
+    assert call(M=0, x=0, w=0, y=0) is None  # nothing to do: no device is touched
 
 
 def test_cuda_quantized_tensor_checks(small_qt):
@@ -549,3 +640,173 @@ def test_qmatmul_gpu_errors(rng):
         cuda.qmatmul(cuda.to_device(_x(rng, 32, 64, np.float16)), wd, path="fp8")
     with pytest.raises(ValueError, match="out of range"):
         cuda.Stream(cuda.device_count())
+
+
+# ---- float matmul on a GPU ----
+
+MM_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+def _mm_tolerance(x_dtype, w_dtype, M, path="auto"):
+    """Tensor cores sum with truncation (see tolerances.py); every other path is plain fp32."""
+    if path == "auto":
+        path = cuda.matmul_path(x_dtype, w_dtype, M)
+    return "matmul_gpu_tc" if path == "gemm" else "matmul_f32"
+
+
+def _strided_view(a, cols):
+    """A quanta Array viewing the first `cols` columns of the 2-D Array a (rows stay a's pitch)."""
+    return cuda.Array._wrap(a, a.ptr, (a.shape[0], cols), a.dtype, a.strides, a.device, a.stream)
+
+
+@gpu_test
+@pytest.mark.parametrize("N,K", [(67, 259), (131, 320), (33, 1100)])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 64, 300])
+def test_matmul_gpu_vs_float64(rng, M, N, K):
+    """Every (x, w) dtype pair against float64 on the rounded inputs. K = 259 leaves rows
+    misaligned (element loads), K = 320 aligned (16-byte loads, cp.async), K = 1100 spans
+    several GEMV x tiles for M > 4."""
+    from quanta import reference
+    for xdt in MM_DTYPES:
+        for wdt in MM_DTYPES:
+            x, w = _x(rng, M, K, xdt), _x(rng, N, K, wdt)
+            xd, wd = cuda.to_device(x), cuda.to_device(w)
+            y = quanta.ops.matmul(xd, wd)
+            assert isinstance(y, cuda.Array) and y.dtype == np.float32 and y.shape == (M, N)
+            what = f"M={M} N={N} K={K} x {xdt} w {wdt} [{cuda.matmul_path(xdt, wdt, M)}]"
+            assert_close(y.numpy(), reference.matmul(x, w), _mm_tolerance(xdt, wdt, M), what)
+            np.testing.assert_array_equal(xd.numpy().view(np.uint8), x.view(np.uint8))  # inputs unchanged
+            np.testing.assert_array_equal(wd.numpy().view(np.uint8), w.view(np.uint8))
+
+
+@gpu_test
+@pytest.mark.parametrize("xdt,wdt", [(np.float16, np.float16), (ml_dtypes.bfloat16, ml_dtypes.bfloat16),
+                                     (np.float32, np.float16), (np.float16, ml_dtypes.bfloat16)])
+def test_matmul_gpu_paths_agree(rng, xdt, wdt):
+    from quanta import reference
+    N, K, M = 70, 264, 40
+    x, w = _x(rng, M, K, xdt), _x(rng, N, K, wdt)
+    xd, wd = cuda.to_device(x), cuda.to_device(w)
+    ref = reference.matmul(x, w)
+    tc = np.dtype(xdt) == np.dtype(wdt) and cuda.devices()[0]["compute_capability"] >= (8, 0)
+    for p in ["gemv", "fma"] + (["gemm"] if tc else []):
+        y = cuda.matmul(xd, wd, path=p)
+        assert_close(y.numpy(), ref, _mm_tolerance(xdt, wdt, M, p), f"path {p}")
+        np.testing.assert_array_equal(y.numpy(), cuda.matmul(xd, wd, path=p).numpy())  # deterministic
+    if not tc:
+        with pytest.raises(NotImplementedError, match="tensor-core path needs"):
+            cuda.matmul(xd, wd, path="gemm")
+    assert cuda.matmul_path(xdt, wdt, 16) == "gemv"
+    assert cuda.matmul_path(xdt, wdt, 17) == ("gemm" if tc else "fma")
+
+
+@gpu_test
+@pytest.mark.parametrize("M", [1, 7, 129])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_matmul_gpu_wide(rng, M, dtype):
+    """N past two blocks per SM: full-width GEMV blocks and the 128 x 128 tensor-core tiles (with
+    column and row tails); K off 8 too (element loads, no cp.async)."""
+    from quanta import reference
+    sms = cuda.devices()[0]["sm_count"]
+    N = 128 * sms + 3
+    for K in (136, 131):
+        x, w = _x(rng, M, K, dtype), _x(rng, N, K, dtype)
+        y = quanta.ops.matmul(cuda.to_device(x), cuda.to_device(w)).numpy()
+        assert_close(y, reference.matmul(x, w), _mm_tolerance(dtype, dtype, M), f"M={M} N={N} K={K}")
+
+
+@gpu_test
+def test_matmul_gpu_long_k(rng):
+    """M = 1 with K past one 8192-input x tile."""
+    from quanta import reference
+    for wdt in (np.float16, np.float32):
+        x, w = _x(rng, 1, 8200, np.float32), _x(rng, 45, 8200, wdt)
+        y = quanta.ops.matmul(cuda.to_device(x), cuda.to_device(w)).numpy()
+        assert_close(y, reference.matmul(x, w), "matmul_f32", f"w {np.dtype(wdt)}")
+
+
+@gpu_test
+@pytest.mark.parametrize("M", [1, 5, 33, 129])
+def test_matmul_gpu_strided_out_and_shapes(rng, M):
+    from quanta import reference
+    N, K = 37, 96
+    xw = _x(rng, M, K + 24, np.float16)
+    ww = _x(rng, N, K + 8, np.float16)
+    xd, wd = cuda.to_device(xw), cuda.to_device(ww)
+    x, w = _strided_view(xd, K), _strided_view(wd, K)
+    ref = reference.matmul(xw[:, :K], ww[:, :K])
+    tol = _mm_tolerance(np.float16, np.float16, M)
+    # out= float32 with rows wider than N: the columns past N are left alone
+    wide = cuda.to_device(np.full((M, N + 5), 7.0, np.float32))
+    res = quanta.ops.matmul(x, w, out=_strided_view(wide, N))
+    assert res.shape == (M, N)
+    got = wide.numpy()
+    assert_close(got[:, :N], ref, tol, f"M={M} strided")
+    assert np.all(got[:, N:] == 7.0)
+    # float16 / bfloat16 out: the float32 result rounded once
+    y32 = cuda.matmul(x, w).numpy()
+    for odt in (np.float16, ml_dtypes.bfloat16):
+        out = cuda.Array((M, N), odt)
+        assert cuda.matmul(x, w, out=out) is out
+        np.testing.assert_array_equal(out.numpy().view(np.uint16), y32.astype(odt).view(np.uint16))
+    # float32 x on float32 weights, strided both ways
+    xf, wf = cuda.to_device(xw.astype(np.float32)), cuda.to_device(ww.astype(np.float32))
+    y = cuda.matmul(_strided_view(xf, K), _strided_view(wf, K)).numpy()
+    assert_close(y, ref, "matmul_f32", f"M={M} float32 strided")
+
+
+@gpu_test
+def test_matmul_gpu_shapes_and_streams(rng):
+    from quanta import reference
+    N, K = 24, 40
+    w = _x(rng, N, K, np.float16)
+    wd = cuda.to_device(w)
+    x3 = _x(rng, 6, K, np.float32)
+    y = quanta.ops.matmul(cuda.to_device(x3).reshape(2, 3, K), wd)
+    assert y.shape == (2, 3, N)
+    assert_close(y.numpy().reshape(6, N), reference.matmul(x3, w), "matmul_f32", "3-D x")
+    y1 = quanta.ops.matmul(cuda.to_device(x3[0]), wd)
+    assert y1.shape == (N,)
+    assert_close(y1.numpy()[None], reference.matmul(x3[:1], w), "matmul_f32", "1-D x")
+    assert quanta.ops.matmul(cuda.Array((0, K), np.float16), wd).shape == (0, N)
+    s = cuda.Stream(0)
+    xs = cuda.to_device(x3, stream=s)
+    ys = cuda.matmul(xs, wd)  # runs on x's stream
+    assert ys.stream is s
+    s.synchronize()
+    assert_close(ys.numpy(), reference.matmul(x3, w), "matmul_f32", "stream")
+
+
+@gpu_test
+def test_matmul_gpu_errors(rng):
+    xd = cuda.to_device(_x(rng, 4, 32, np.float16))
+    with pytest.raises(TypeError, match=r"quanta.cuda.to_device\(w\)"):
+        quanta.ops.matmul(xd, _x(rng, 8, 32, np.float16))
+    with pytest.raises(ValueError, match=r"x must have shape \(M, 16\)"):
+        quanta.ops.matmul(xd, cuda.to_device(_x(rng, 8, 16, np.float16)))
+    with pytest.raises(NotImplementedError, match="both float16 or both bfloat16, got x float16, w float32"):
+        cuda.matmul(xd, cuda.to_device(_x(rng, 8, 32, np.float32)), path="gemm")
+    if cuda.device_count() >= 2:
+        with pytest.raises(ValueError, match="x is on cuda:0, w on cuda:1"):
+            cuda.matmul(xd, cuda.to_device(_x(rng, 8, 32, np.float16), device=1))
+
+
+@gpu_test
+def test_matmul_gpu_with_torch(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    from quanta import reference
+    x = torch.randn(70, 96, device="cuda", dtype=torch.float16)
+    w = torch.randn(50, 96, device="cuda", dtype=torch.float16)
+    y = quanta.ops.matmul(x, w)
+    ref = reference.matmul(x.cpu().numpy(), w.cpu().numpy())
+    tol = _mm_tolerance(np.float16, np.float16, 70)
+    assert_close(y.numpy(), ref, tol, "torch f16")
+    out = torch.empty(70, 50, device="cuda", dtype=torch.float32)
+    quanta.ops.matmul(x, w, out=out)
+    torch.cuda.synchronize()
+    assert_close(out.cpu().numpy(), ref, tol, "torch out")
+    x32 = x.float()
+    y = quanta.ops.matmul(x32, w)
+    assert_close(y.numpy(), ref, _mm_tolerance(np.float32, np.float16, 70), "torch float32 x")

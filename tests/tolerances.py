@@ -18,8 +18,13 @@ TOL = {
     # GPTQ vs reference.gptq: the same float32 operations in the same order, so codes, group
     # parameters and dequantized values are equal bit for bit
     "gptq": dict(rel_l2=0.0, max_abs_rel=0.0),
-    # float matmul, fp32 accumulation
+    # float matmul, fp32 accumulation (CPU; GPU GEMV and FMA paths)
     "matmul_f32": dict(rel_l2=2e-6, max_abs_rel=2e-5),
+    # GPU float matmul on tensor cores (x and w both f16 or both bf16): products are exact, but
+    # mma.sync adds each k16 step's products into the fp32 accumulator with truncating alignment
+    # (Fasi et al. 2021, "Numerical behavior of NVIDIA tensor cores"), so each step may lose up to
+    # an fp32 ulp of the running sum, all in one direction: about K / 16 ulps for K ~ 1000
+    "matmul_gpu_tc": dict(rel_l2=2e-5, max_abs_rel=1e-4),
     # GPU qmatmul vs reference.qmatmul (float x, no activation quantization): the GEMV path
     # (M <= 16) computes in fp32; the tensor-core path rounds dequantized weights (and float32
     # x) to bf16 or f16 tiles, fp32 accumulation: bf16's 8-bit mantissa sets the bound

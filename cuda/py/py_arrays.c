@@ -1,5 +1,5 @@
-/* py_arrays.c — device memory, copies, streams, DLPack capsules and the quantized matmul of
- * quanta._cuda, for python/quanta/cuda.py (which builds quanta.cuda.Array on top).
+/* py_arrays.c — device memory, copies, streams, DLPack capsules and the quantized and float
+ * matmuls of quanta._cuda, for python/quanta/cuda.py (which builds quanta.cuda.Array on top).
  *
  * Pointers and stream handles cross this boundary as Python ints; the Python layer owns the
  * bookkeeping (shapes, dtypes, which object keeps memory alive) and checks arguments first,
@@ -605,6 +605,48 @@ static PyObject *py_qmatmul_plan(PyObject *self, PyObject *const *args, Py_ssize
     return Py_BuildValue("(iL)", path, (long long)qn_cuda_qmatmul_workspace(&w, M));
 }
 
+/* ---- float matmul ---- */
+
+/* matmul(y, ydt, ldy, x, xdt, ldx, w, wdt, ldw, M, N, K, path, device, stream) */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    const char *op = "matmul";
+    void *y = NULL, *x = NULL, *w = NULL, *stream = NULL;
+    int ydt, xdt, wdt, path, dev;
+    int64_t ldy = 0, ldx = 0, ldw = 0, M = 0, N = 0, K = 0;
+    if (check_nargs(op, nargs, 15) < 0 || arg_ptr(args[0], op, "y", &y) < 0 || arg_int(args[1], op, "ydt", &ydt) < 0 ||
+        arg_i64(args[2], op, "ldy", &ldy) < 0 || arg_ptr(args[3], op, "x", &x) < 0 ||
+        arg_int(args[4], op, "xdt", &xdt) < 0 || arg_i64(args[5], op, "ldx", &ldx) < 0 ||
+        arg_ptr(args[6], op, "w", &w) < 0 || arg_int(args[7], op, "wdt", &wdt) < 0 ||
+        arg_i64(args[8], op, "ldw", &ldw) < 0 || arg_i64(args[9], op, "M", &M) < 0 || arg_i64(args[10], op, "N", &N) < 0 ||
+        arg_i64(args[11], op, "K", &K) < 0 || arg_int(args[12], op, "path", &path) < 0 ||
+        arg_int(args[13], op, "device", &dev) < 0 || arg_ptr(args[14], op, "stream", &stream) < 0)
+        return NULL;
+    qn_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = qn_cuda_matmul(y, ydt, ldy, x, xdt, ldx, w, wdt, ldw, M, N, K, path, dev, stream);
+    Py_END_ALLOW_THREADS
+    if (st != QN_OK) return qn_cuda_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* matmul_path(xdt, wdt, M, device) -> path */
+static PyObject *py_matmul_path(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    const char *op = "matmul_path";
+    int xdt, wdt, dev, path;
+    int64_t M;
+    if (check_nargs(op, nargs, 4) < 0 || arg_int(args[0], op, "xdt", &xdt) < 0 || arg_int(args[1], op, "wdt", &wdt) < 0 ||
+        arg_i64(args[2], op, "M", &M) < 0 || arg_int(args[3], op, "device", &dev) < 0)
+        return NULL;
+    qn_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = qn_cuda_matmul_path(xdt, wdt, M, dev, &path);
+    Py_END_ALLOW_THREADS
+    if (st != QN_OK) return qn_cuda_raise(st);
+    return PyLong_FromLong(path);
+}
+
 PyMethodDef qn_py_array_methods[] = {
     {"dlpack_export", (PyCFunction)(void (*)(void))py_dlpack_export, METH_FASTCALL,
      "dlpack_export(owner, ptr, shape, strides, type_code, bits, device_type, device_id, versioned, readonly)"},
@@ -626,6 +668,10 @@ PyMethodDef qn_py_array_methods[] = {
      "path, device, stream)"},
     {"qmatmul_plan", (PyCFunction)(void (*)(void))py_qmatmul_plan, METH_FASTCALL,
      "qmatmul_plan(fmt, N, K, M, device) -> (path, workspace bytes)"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
+     "matmul(y, ydt, ldy, x, xdt, ldx, w, wdt, ldw, M, N, K, path, device, stream)"},
+    {"matmul_path", (PyCFunction)(void (*)(void))py_matmul_path, METH_FASTCALL,
+     "matmul_path(xdt, wdt, M, device) -> path"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -637,6 +683,7 @@ int qn_py_arrays_init(PyObject *m) {
         PyModule_AddIntConstant(m, "PATH_GEMV", QN_CUDA_PATH_GEMV) < 0 ||
         PyModule_AddIntConstant(m, "PATH_GEMM", QN_CUDA_PATH_GEMM) < 0 ||
         PyModule_AddIntConstant(m, "PATH_FP8", QN_CUDA_PATH_FP8) < 0 ||
+        PyModule_AddIntConstant(m, "PATH_FMA", QN_CUDA_PATH_FMA) < 0 ||
         PyModule_AddIntConstant(m, "GEMV_MAX_M", QN_CUDA_GEMV_MAX_M) < 0)
         return -1;
     return 0;

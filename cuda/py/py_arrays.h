@@ -1,4 +1,4 @@
-/* py_arrays.h — memory, copies, streams, DLPack and qmatmul entries of quanta._cuda. */
+/* py_arrays.h — memory, copies, streams, DLPack, qmatmul and matmul entries of quanta._cuda. */
 #ifndef QN_PY_ARRAYS_H
 #define QN_PY_ARRAYS_H
 

@@ -590,6 +590,52 @@ class CudaQuantizedTensor:
                 f"nbytes={self.nbytes})")
 
 
+def _x_rows(op: str, x, K: int, stream) -> tuple:
+    """Checks a GPU operand x[..., K] without touching the device: (x, shape, dtype, ldx), x
+    imported with `asarray` when it is a DLPack producer (to learn its shape)."""
+    desc = describe(x)
+    if desc is None:
+        x = asarray(x, stream)  # DLPack producers: imported (no copy) to learn the shape
+        desc = describe(x)
+    shape, dt, strides = desc
+    if dt not in _X_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {dt} with shape {shape}")
+    if len(shape) == 0 or shape[-1] != K:
+        raise ValueError(f"{op}: x must have shape (M, {K}), got {dt} with shape {shape}")
+    if K > 1 and strides[-1] != dt.itemsize:
+        raise ValueError(f"{op}: x rows must be contiguous (last stride {dt.itemsize}), got strides "
+                         f"{strides}")
+    if len(shape) == 1:
+        ldx = K
+    elif len(shape) == 2:
+        ldx = strides[0] // dt.itemsize if shape[0] > 1 else K
+        if ldx < K or strides[0] % dt.itemsize:
+            raise ValueError(f"{op}: x row stride must be a multiple of {dt.itemsize} bytes and >= K, "
+                             f"got strides {strides}")
+    else:
+        if strides != _c_strides(shape, dt.itemsize):
+            raise ValueError(f"{op}: x with more than 2 dimensions must be C-contiguous")
+        ldx = K
+    return x, shape, dt, ldx
+
+
+def _out_rows(op: str, out, M: int, N: int, stream) -> int:
+    """Checks an optional GPU output of M x N elements without touching the device (beyond
+    importing a DLPack producer); returns its row stride in elements (N when out is None)."""
+    if out is None:
+        return N
+    oshape, odt, ostrides = describe(out) if describe(out) is not None else describe(asarray(out, stream))
+    if odt not in _X_DTYPES:
+        raise TypeError(f"{op}: out must be float32, float16 or bfloat16, got {odt}")
+    if math.prod(oshape) != M * N or (oshape[-1:] != (N,)) or (len(oshape) == 2 and oshape[0] != M):
+        raise ValueError(f"{op}: out must have shape ({M}, {N}), got {odt} with shape {oshape}")
+    if N > 1 and ostrides[-1] != odt.itemsize:
+        raise ValueError(f"{op}: out rows must be contiguous, got strides {ostrides}")
+    if len(oshape) > 2 and ostrides != _c_strides(oshape, odt.itemsize):
+        raise ValueError(f"{op}: out with more than 2 dimensions must be C-contiguous")
+    return ostrides[0] // odt.itemsize if len(oshape) == 2 and oshape[0] > 1 else N
+
+
 def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Optional[Stream] = None):
     """y[M, N] = x[M, K] @ W[N, K]^T on the GPU that holds w (see `quanta.ops.qmatmul`).
 
@@ -609,42 +655,10 @@ def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Opt
     if path not in _PATHS:
         raise ValueError(f"qmatmul: path must be one of {tuple(_PATHS)}, got {path!r}")
     N, K = w.shape
-    desc = describe(x)
-    if desc is None:
-        x = asarray(x, stream)  # DLPack producers: imported (no copy) to learn the shape
-        desc = describe(x)
-    shape, dt, strides = desc
-    if dt not in _X_DTYPES:
-        raise TypeError(f"qmatmul: x must be float32, float16 or bfloat16, got {dt} with shape {shape}")
-    if len(shape) == 0 or shape[-1] != K:
-        raise ValueError(f"qmatmul: x must have shape (M, {K}), got {dt} with shape {shape}")
+    x, shape, dt, ldx = _x_rows("qmatmul", x, K, stream)
     lead = shape[:-1]
     M = math.prod(lead)
-    if K > 1 and strides[-1] != dt.itemsize:
-        raise ValueError(f"qmatmul: x rows must be contiguous (last stride {dt.itemsize}), got strides "
-                         f"{strides}")
-    if len(shape) == 1:
-        ldx = K
-    elif len(shape) == 2:
-        ldx = strides[0] // dt.itemsize if shape[0] > 1 else K
-        if ldx < K or strides[0] % dt.itemsize:
-            raise ValueError(f"qmatmul: x row stride must be a multiple of {dt.itemsize} bytes and >= K, "
-                             f"got strides {strides}")
-    else:
-        if strides != _c_strides(shape, dt.itemsize):
-            raise ValueError("qmatmul: x with more than 2 dimensions must be C-contiguous")
-        ldx = K
-    if out is not None:
-        oshape, odt, ostrides = describe(out) if describe(out) is not None else describe(asarray(out, stream))
-        if odt not in _X_DTYPES:
-            raise TypeError(f"qmatmul: out must be float32, float16 or bfloat16, got {odt}")
-        if math.prod(oshape) != M * N or (oshape[-1:] != (N,)) or (len(oshape) == 2 and oshape[0] != M):
-            raise ValueError(f"qmatmul: out must have shape ({M}, {N}), got {odt} with shape {oshape}")
-        if N > 1 and ostrides[-1] != odt.itemsize:
-            raise ValueError(f"qmatmul: out rows must be contiguous, got strides {ostrides}")
-        if len(oshape) > 2 and ostrides != _c_strides(oshape, odt.itemsize):
-            raise ValueError("qmatmul: out with more than 2 dimensions must be C-contiguous")
-        ldy = ostrides[0] // odt.itemsize if len(oshape) == 2 and oshape[0] > 1 else N
+    ldy = _out_rows("qmatmul", out, M, N, stream)
     mod = _device_module()
     xa = asarray(x, stream)
     if xa.device != w.device:
@@ -652,7 +666,6 @@ def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Opt
     st = _stream_arg(stream, w.device) if stream is not None else xa.stream
     if out is None:
         ya = Array(lead + (N,), np.float32, w.device, st)
-        ldy = N
     else:
         ya = asarray(out, st)
         if ya.device != w.device:
@@ -677,7 +690,102 @@ def qmatmul_path(w: CudaQuantizedTensor, M: int) -> str:
     return {v: k for k, v in _PATHS.items()}[code]
 
 
+# ---------------------------------------------------------------------------------------------
+# Float matmul
+# ---------------------------------------------------------------------------------------------
+
+_MM_PATHS = {"auto": 0, "gemv": 1, "gemm": 2, "fma": 4}
+
+
+def _w_rows(w, stream) -> tuple:
+    """Checks a float weight w[N, K] on the GPU without touching the device: (w, N, K, dtype,
+    ldw), w imported with `asarray` when it is a DLPack producer."""
+    if isinstance(w, np.ndarray):
+        raise TypeError(f"matmul: x is a GPU array but w is a numpy array ({w.dtype} with shape {w.shape}): "
+                        "copy the weight to the GPU once with quanta.cuda.to_device(w) and pass that")
+    desc = describe(w)
+    if desc is None:
+        if not is_device_array(w):
+            raise TypeError(f"matmul: x is a GPU array, so w must be a GPU array (quanta.cuda.Array, CUDA "
+                            f"array interface or DLPack on CUDA), got {type(w).__name__}: copy it with "
+                            "quanta.cuda.to_device(w)")
+        w = asarray(w, stream)
+        desc = describe(w)
+    shape, dt, strides = desc
+    if dt not in _X_DTYPES:
+        raise TypeError(f"matmul: w must be float32, float16 or bfloat16, got {dt} with shape {shape}")
+    if len(shape) != 2:
+        raise ValueError(f"matmul: w must have shape (N, K), got {dt} with shape {shape}")
+    N, K = shape
+    if N == 0 or K == 0:
+        raise ValueError(f"matmul: w must have N > 0 and K > 0, got shape ({N}, {K})")
+    if K > 1 and strides[1] != dt.itemsize:
+        raise ValueError(f"matmul: w rows must be contiguous (last stride {dt.itemsize}), got strides "
+                         f"{strides}")
+    ldw = strides[0] // dt.itemsize if N > 1 else K
+    if ldw < K or strides[0] % dt.itemsize:
+        raise ValueError(f"matmul: w row stride must be a multiple of {dt.itemsize} bytes and >= K, got "
+                         f"strides {strides}")
+    return w, N, K, dt, ldw
+
+
+def matmul(x, w, out=None, stream: Optional[Stream] = None, *, path: str = "auto"):
+    """y[M, N] = x[M, K] @ w[N, K]^T on the GPU, fp32 accumulation (see `quanta.ops.matmul`).
+
+    x: a GPU array (quanta Array, CAI or DLPack object) of float32, float16 or bfloat16,
+    shape (M, K), (K,) or (..., K) with contiguous rows (a 2-D x may be row-strided, e.g.
+    ``x[:, :K]`` of a wider array). M may be 0.
+    w: a GPU array of float32, float16 or bfloat16 (x's dtype or another), shape (N, K) with
+    N, K >= 1 and contiguous rows (row-strided allowed), on x's device. A NumPy w is a
+    TypeError: copy it once with ``quanta.cuda.to_device(w)`` and keep the copy.
+    out: optional GPU array (M, N) of float32, float16 or bfloat16 with contiguous rows,
+    written in place; default a new float32 Array shaped (..., N). Returns out or that Array.
+    stream: where it runs; default the stream of x when x is a quanta Array, else the
+    device's default stream.
+    path: "auto"; "gemv", "gemm" or "fma" force a kernel (tests, benchmarks):
+      gemv  M <= 16 under "auto": a warp per two weight rows, 16-byte loads, fp32 FMA;
+      gemm  M > 16, x and w both float16 or both bfloat16, sm_80+: tensor cores (mma.sync
+            m16n8k16: exact products, fp32 accumulation); other dtypes raise NotImplementedError;
+      fma   M > 16 otherwise (float32 or mixed dtypes): tiled fp32 FMA.
+    No path rounds x or w below their own dtype: a float32 x stays float32 (pass x in w's
+    16-bit dtype to get tensor cores at large M). Results are deterministic.
+    """
+    if path not in _MM_PATHS:
+        raise ValueError(f"matmul: path must be one of {tuple(_MM_PATHS)}, got {path!r}")
+    w, N, K, wdt, ldw = _w_rows(w, stream)
+    x, shape, dt, ldx = _x_rows("matmul", x, K, stream)
+    lead = shape[:-1]
+    M = math.prod(lead)
+    ldy = _out_rows("matmul", out, M, N, stream)
+    mod = _device_module()
+    xa, wa = asarray(x, stream), asarray(w, stream)
+    if xa.device != wa.device:
+        raise ValueError(f"matmul: x is on cuda:{xa.device}, w on cuda:{wa.device}")
+    st = _stream_arg(stream, wa.device) if stream is not None else xa.stream
+    if out is None:
+        ya = Array(lead + (N,), np.float32, wa.device, st)
+    else:
+        ya = asarray(out, st)
+        if ya.device != wa.device:
+            raise ValueError(f"matmul: out is on cuda:{ya.device}, w on cuda:{wa.device}")
+    if M == 0:
+        return out if out is not None else ya
+    mod.matmul(ya.ptr, _X_DTYPES[ya.dtype], ldy, xa.ptr, _X_DTYPES[dt], ldx, wa.ptr, _X_DTYPES[wdt], ldw,
+               M, N, K, _MM_PATHS[path], wa.device, st.handle)
+    return out if out is not None else ya
+
+
+def matmul_path(x_dtype, w_dtype, M: int, device: Union[int, str] = 0) -> str:
+    """The kernel matmul's "auto" picks for these dtypes and M on `device`."""
+    xd, wd = np.dtype(x_dtype), np.dtype(w_dtype)
+    for name, d in (("x_dtype", xd), ("w_dtype", wd)):
+        if d not in _X_DTYPES:
+            raise TypeError(f"matmul_path: {name} must be float32, float16 or bfloat16, got {d}")
+    code = _device_module().matmul_path(_X_DTYPES[xd], _X_DTYPES[wd], int(M), _check_device(device))
+    return {v: k for k, v in _MM_PATHS.items()}[code]
+
+
 __all__ = ["Array", "CudaQuantizedTensor", "Stream", "asarray", "available", "built", "built_archs",
            "default_stream", "device_count", "devices", "driver_version", "empty", "empty_cache", "info",
-           "is_device_array", "memory_stats", "qmatmul", "qmatmul_path", "require", "runtime_version",
-           "selftest", "to_device", "unavailable_reason"]
+           "is_device_array", "matmul", "matmul_path", "memory_stats", "qmatmul", "qmatmul_path", "require",
+           "runtime_version", "selftest", "to_device", "unavailable_reason"]

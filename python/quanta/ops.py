@@ -96,19 +96,25 @@ def matmul(x: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np
     """Float matmul: y[M, N] = x[M, K] @ w[N, K]^T with fp32 accumulation, float32 output.
 
     x and w: float32, float16 or bfloat16 (may differ); x (M, K), (K,) or (..., K) with
-    contiguous rows; w (N, K) with contiguous rows. out: optional float32 (M, N).
+    contiguous rows; w (N, K), N, K >= 1, with contiguous rows. out: optional float32 (M, N).
 
-    GPU: x on a GPU dispatches to `quanta.cuda.qmatmul` when w is a GPU quantized tensor
-    (``QuantizedTensor.to("cuda")``); float weights on the GPU are not implemented
-    (NotImplementedError): quantize them, e.g. to int8 or fp8_e4m3.
+    GPU: when x lives on a GPU (a `quanta.cuda.Array` or any CUDA array-interface / DLPack
+    object) the call runs on x's device: `quanta.cuda.matmul` when w is a GPU array of
+    float32, float16 or bfloat16 (copy it once with ``quanta.cuda.to_device(w)``; a NumPy w
+    is a TypeError), `quanta.cuda.qmatmul` when w is a quantized tensor moved with
+    ``w.to("cuda")``. The output is then a float32 `quanta.cuda.Array` shaped (..., N), or
+    out= (a GPU array of float32, float16 or bfloat16). The GPU kernels keep fp32 accuracy:
+    tensor cores only when x and w are both float16 or both bfloat16 (exact products).
     """
     if not isinstance(x, np.ndarray) and _on_gpu(x):
+        from . import cuda
         if type(w).__name__ == "CudaQuantizedTensor" or isinstance(w, QuantizedTensor):
-            from . import cuda
             return cuda.qmatmul(x, w, out=out)
-        raise NotImplementedError("matmul: float weights on the GPU are not implemented; quantize w "
-                                  "(quanta.quantize(w, 'int8') or 'fp8_e4m3'), move it with .to('cuda') and "
-                                  "call qmatmul")
+        return cuda.matmul(x, w, out=out)
+    if not isinstance(w, np.ndarray) and _on_gpu(w):
+        raise TypeError(f"matmul: w lives on the GPU but x is a {type(x).__name__}: copy x with "
+                        "quanta.cuda.to_device(x), or bring w back to the host (w.numpy() for a "
+                        "quanta.cuda.Array)")
     xdt = _dtype_code("matmul", "x", x)
     wdt = _dtype_code("matmul", "w", w)
     if w.ndim != 2:

@@ -1,0 +1,63 @@
+/* mma.cuh — device helpers shared by the matmul kernels (qmatmul.cu, matmul.cu): dtype
+ * conversions, the output store, and the operand fragments of mma.sync m16n8k16.
+ *
+ * Fragments of mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} (PTX ISA), with
+ * g = lane / 4 and tq = lane % 4, each 32-bit register holding two consecutive k:
+ *   a[0..3] = A[g][2tq..], A[g+8][2tq..], A[g][2tq+8..], A[g+8][2tq+8..]   (A: 16 x 16, row-major)
+ *   b[0..1] = B[2tq..][g], B[2tq+8..][g]                                   (B: 16 x 8, k-major per column)
+ *   c[0..3] = C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]            (C: 16 x 8, fp32)
+ * With tiles in shared memory as [row][k] (x rows for A, weight rows for B), every fragment
+ * register is one 32-bit load, `lds32(&tile[row][k])`.
+ * Everything here sits in an unnamed namespace: each translation unit gets its own copy.
+ */
+#ifndef QN_CUDA_MMA_CUH
+#define QN_CUDA_MMA_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+/* y[i] = v in y's dtype: 0 float32, 1 float16, 2 bfloat16 (round to nearest even). */
+__device__ __forceinline__ void store_y(void *y, int ydt, int64_t i, float v) {
+    if (ydt == 0) static_cast<float *>(y)[i] = v;
+    else if (ydt == 1) static_cast<__half *>(y)[i] = __float2half_rn(v);
+    else static_cast<__nv_bfloat16 *>(y)[i] = __float2bfloat16_rn(v);
+}
+
+/* c += a b on f16 (CT = __half) or bf16 (CT = __nv_bfloat16) fragments; sm_80+. */
+template <typename CT>
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<CT, __half>::value)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+/* One fragment register: two consecutive 16-bit elements (or four bytes) of shared memory. */
+__device__ __forceinline__ uint32_t lds32(const void *p) { return *static_cast<const uint32_t *>(p); }
+
+}  // namespace
+
+#endif /* QN_CUDA_MMA_CUH */
