@@ -14,6 +14,7 @@ static qn_dispatch table_for(int isa) {
     d.mm_gemm = QN_PICK(isa, qn_matmul_gemm);
     d.mm_cvt = QN_PICK(isa, qn_matmul_cvt);
     d.attn_tile = QN_PICK(isa, qn_attn_tile);
+    d.attn_decode = isa >= QN_ISA_AVX512 ? qn_attn_decode_avx512 : d.attn_tile;
     d.gelu_mul = QN_PICK(isa, qn_gelu_tanh_mul);
     d.silu_mul = QN_PICK(isa, qn_silu_mul);
     return d;
@@ -21,7 +22,7 @@ static qn_dispatch table_for(int isa) {
 
 qn_dispatch qn_kernels = {QN_ISA_REF, qn_qtile_int_ref, qn_qtile_lut_ref, qn_quantize_act_row_ref,
                           qn_matmul_dot_ref, qn_matmul_gemm_ref, qn_matmul_cvt_ref, qn_attn_tile_ref,
-                          qn_gelu_tanh_mul_ref, qn_silu_mul_ref};
+                          qn_attn_tile_ref, qn_gelu_tanh_mul_ref, qn_silu_mul_ref};
 
 int qn_dispatch_set_isa(int isa) {
     int best = qn_cpu_best_isa();

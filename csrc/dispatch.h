@@ -25,6 +25,7 @@ typedef struct qn_dispatch {
     qn_mm_tile_fn mm_gemm;         /* float matmul, packed GEMM tiles */
     qn_mm_cvt_fn mm_cvt;           /* fp16 / bf16 rows to fp32 */
     qn_attn_tile_fn attn_tile;     /* attention, one query tile x key tile */
+    qn_attn_tile_fn attn_decode;   /* the same for decode tiles (few rows per KV head) */
     qn_gelu_mul_fn gelu_mul;       /* gelu_tanh(gate) * up, one slice */
     qn_silu_mul_fn silu_mul;       /* silu(gate) * up, float32 */
 } qn_dispatch;

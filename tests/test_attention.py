@@ -270,14 +270,16 @@ def test_paged_vs_reference_and_prefill(rng, isa, dtype):
     o = quanta.ops.paged_attention(q, c, 1, bt, sl)
     for a, b in zip((q, bt, sl, c.k[1], c.v[1]), copies):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
-    assert_close(o, quanta.ops.paged_attention(q, c, 1, bt, sl, backend="reference"), "attention", f"{dtype} {isa}")
+    key = "attention_i8_cache" if dtype == "int8" else "attention"
+    assert_close(o, quanta.ops.paged_attention(q, c, 1, bt, sl, backend="reference"), key, f"{dtype} {isa}")
     assert np.all(o[4] == 0)
     for b, n in enumerate(lens):
         if n == 0:
             continue
         k, v = gathered(c, 1, b)
         ref = quanta.ops.attention(q[b][None], k, v, causal=True)[0]
-        assert_close(o[b], ref, "paged_vs_prefill", f"{dtype} seq {b} (len {n}) {isa}")
+        assert_close(o[b], ref, "attention_i8_cache" if dtype == "int8" else "paged_vs_prefill",
+                     f"{dtype} seq {b} (len {n}) {isa}")
 
 
 @pytest.mark.parametrize("window", [0, 3, 255, 256, 600, 5000])
@@ -310,7 +312,8 @@ def test_paged_gqa_and_head_dims(rng, isa, H, Hkv, D):
         q = rng.standard_normal((2, H, D)).astype(np.float16)
         o = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1))
         r = quanta.ops.paged_attention(q, c, 1, c.block_tables(ids), c.seq_lens(ids, 1), backend="reference")
-        assert_close(o, r, "attention", f"H={H} Hkv={Hkv} D={D} {dtype} {isa}")
+        assert_close(o, r, "attention_i8_cache" if dtype == "int8" else "attention",
+                     f"H={H} Hkv={Hkv} D={D} {dtype} {isa}")
 
 
 def test_paged_softcap_and_large_logits(rng, isa):

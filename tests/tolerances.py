@@ -40,6 +40,10 @@ TOL = {
     "attention_torch": dict(rel_l2=2e-5, max_abs_rel=1e-4),
     # paged decode vs prefill attention over the same (dequantized) keys
     "paged_vs_prefill": dict(rel_l2=1e-5, max_abs_rel=5e-5),
+    # paged decode over an int8 cache (AVX-512): q rounded to int16 per row for integer q . k,
+    # which moves each score by ~1e-5 of |q| |k| (relative errors of p; nothing like the
+    # cache's own int8 rounding, ~1e-2)
+    "attention_i8_cache": dict(rel_l2=5e-5, max_abs_rel=2e-4),
     # rmsnorm, add, silu_mul, rope vs float64: a few float32 roundings per element
     "layer_f32": dict(rel_l2=1e-6, max_abs_rel=1e-5),
     # moe_route weights vs reference.moe_route: float32 exp / division, a few ulp

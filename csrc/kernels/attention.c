@@ -34,7 +34,10 @@ static inline float load_el(const void *base, int dt, int64_t i) {
 }
 
 int64_t qn_attn_tile_scratch_floats(int64_t Dp, int64_t nh) {
-    return 2 * nh * QN_ATTN_BK * Dp + QN_ATTN_BQ * QN_ATTN_BK + QN_ATTN_BQ + 16;
+    /* the decode kernels' int8 path also keeps int16 copies of q ([nh * BQ + 7, Dp rounded to 32])
+       and the q rows' scales */
+    int64_t i8 = (nh * QN_ATTN_BQ + 7) * qn_round_up(Dp, 32) / 2 + nh * QN_ATTN_BQ + 7;
+    return 2 * nh * QN_ATTN_BK * Dp + QN_ATTN_BQ * QN_ATTN_BK + QN_ATTN_BQ + i8 + 16;
 }
 
 /* ---- reference tile kernel: one row at a time, one key at a time ---- */
@@ -264,7 +267,7 @@ qn_status qn_paged_attention(const qn_paged_params *p, void *workspace, int64_t 
     char *thr = (char *)lpart + align64(P * H * 4);
     int64_t tb = paged_thread_bytes(Dp, rows, nh);
     int64_t n_items = P * n_hg * n_rt;
-    qn_attn_tile_fn kern = qn_kernels.attn_tile;
+    qn_attn_tile_fn kern = qn_kernels.attn_decode;
     const int qsz = kv_size(p->qdtype);
 
 #pragma omp parallel num_threads(nth)

@@ -50,13 +50,19 @@ typedef struct qn_attn_tile {
 } qn_attn_tile;
 
 /* Floats of scratch one tile kernel needs: fp32 keys and values of a block for nh heads,
- * the block's scores and the rescale factors. */
+ * the block's scores and the rescale factors (and the decode kernels' int16 q rows). */
 int64_t qn_attn_tile_scratch_floats(int64_t Dp, int64_t nh);
 
 typedef void (*qn_attn_tile_fn)(const qn_attn_tile *t);
 void qn_attn_tile_ref(const qn_attn_tile *t);
 void qn_attn_tile_avx2(const qn_attn_tile *t);
 void qn_attn_tile_avx512(const qn_attn_tile *t);
+
+/* The same tile for decode (few query rows per KV head): keys and values are converted in
+ * registers where they are used, never copied to fp32 rows, and int8 / fp8 scales apply to
+ * a block's scores and PV sums. Scratch: as qn_attn_tile_scratch_floats. Its reference is
+ * qn_attn_tile_ref; below AVX-512 the dispatch table uses the tile kernels for decode. */
+void qn_attn_decode_avx512(const qn_attn_tile *t);
 
 /* Prefill parameters. Causal mask, bottom-right aligned: query i of a sequence with Tq
  * queries and Sk keys sits at position p = i + Sk - Tq and sees key j iff j <= p; a window
@@ -103,6 +109,18 @@ static inline float qn_attn_fp8_to_f32(uint8_t b) {
     return qn_f16_to_f32((uint16_t)(((b & 0x80) << 8) | ((b & 0x7F) << 7))) * 256.0f;
 }
 
+/* Asks for the cache line at p to be brought into L2. An asm statement, not
+ * __builtin_prefetch: GCC deletes loops whose bodies are only prefetch builtins. L2, not
+ * L1: rows of one head are a token apart (often 2 KiB or more), so a block's rows fall in a
+ * few L1 sets and a block prefetched into L1 would evict itself before it is read. */
+static inline void qn_attn_prefetch(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 /* Prefetches the key and value rows (all nh heads) of the block after the one ending at je.
  * Rows are ld_tok apart (often > 4 KiB), which hardware prefetchers do not follow. */
 static inline void qn_attn_prefetch_next(const qn_attn_tile *t, int64_t je) {
@@ -117,8 +135,8 @@ static inline void qn_attn_prefetch_next(const qn_attn_tile *t, int64_t je) {
         const char *kr = (const char *)t->k + (next + i * t->ld_tok) * es;
         const char *vr = (const char *)t->v + (next + i * t->ld_tok) * es;
         for (int64_t b = 0; b < bytes; b += 64) {
-            __builtin_prefetch(kr + b);
-            __builtin_prefetch(vr + b);
+            qn_attn_prefetch(kr + b);
+            qn_attn_prefetch(vr + b);
         }
     }
 }

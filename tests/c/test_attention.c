@@ -139,7 +139,8 @@ static void test_paged(int kvdt, int64_t B, int64_t H, int64_t Hkv, int64_t D, i
         free(ws);
         if (!ref) { ref = o; continue; }
         double e = max_rel_diff(o, ref, B * H * D);
-        CHECK(e < 5e-5, "paged kvdt=%d B=%lld H=%lld Hkv=%lld D=%lld bs=%lld: %s differs from ref by %.3e", kvdt,
+        /* int8 caches round q to int16 on the AVX-512 path (tests/tolerances.py: attention_i8_cache) */
+        CHECK(e < (kvdt == QN_A_I8 ? 2e-4 : 5e-5), "paged kvdt=%d B=%lld H=%lld Hkv=%lld D=%lld bs=%lld: %s differs from ref by %.3e", kvdt,
               (long long)B, (long long)H, (long long)Hkv, (long long)D, (long long)bs, qn_isa_name(isa), e);
         guarded_free(o);
     }
@@ -166,7 +167,7 @@ static void test_paged(int kvdt, int64_t B, int64_t H, int64_t Hkv, int64_t D, i
                              1.0f / sqrtf((float)D), 0.0f, NULL, NULL, 0};
         float *o = run_prefill(&pp);
         double e = max_rel_diff(ref + b * H * D, o, H * D);
-        CHECK(e < 5e-5, "paged vs prefill kvdt=%d b=%lld len=%lld: %.3e", kvdt, (long long)b, (long long)n, e);
+        CHECK(e < (kvdt == QN_A_I8 ? 2e-4 : 5e-5), "paged vs prefill kvdt=%d b=%lld len=%lld: %.3e", kvdt, (long long)b, (long long)n, e);
         if (n == 0)
             for (int64_t i = 0; i < H * D; i++) CHECK(ref[b * H * D + i] == 0.0f, "empty sequence not zero");
         guarded_free(o);
