@@ -13,12 +13,13 @@ a wrong result prints no number. Medians of >= 10 runs; thread counts equal.
 --device cuda: the GPU kernels (quanta.cuda.qmatmul on device-resident weights) beside
 PyTorch: float16 ``x @ W.T`` (cuBLAS) next to quanta.cuda.matmul on the same float16
 weights (its GEMV for M <= 16, mma.sync tensor cores above), every format, and
-``torch._scaled_mm`` (FP8 e4m3 tensor cores, per-row scales) beside fp8_e4m3. Decode M = 1
-reports effective weight GB/s against the device's peak bandwidth; prefill M = 16, 64, 512,
-2048 reports TFLOP/s. Outputs are checked against quanta.reference before anything is
-timed; timing is the mean over >= 50 back-to-back launches between two synchronizations
-(CUDA events through torch when it is installed). Without a usable GPU it exits with the
-reason.
+``torch._scaled_mm`` (FP8 e4m3 tensor cores, per-row scales) beside fp8_e4m3, for N = K =
+4096 and 8192 and M = 1, 16, 64, 512, 2048: effective weight GB/s against the read bandwidth
+the script measures (torch.sum over 1 GiB), TFLOP/s, and the speed-up over cuBLAS float16.
+Weights rotate through copies so they come from memory, not L2. Outputs (their first 64
+rows) are checked against quanta.reference before anything is timed; timing is GPU time
+from CUDA events over >= 60 calls queued back to back behind a torch.cuda._sleep, so host
+launch overhead is not in it. Without a usable GPU it exits with the reason.
 """
 from __future__ import annotations
 
@@ -126,30 +127,54 @@ def main():
 
 # ---- GPU ----
 
-def _gpu_time(fn, sync, iters):
-    """Mean seconds per call of fn over `iters` back-to-back launches (after a warm-up)."""
+def _gpu_time(fns, torch, launches):
+    """Seconds per call of the launchers `fns` (called in turn, `launches` calls in all) on the
+    default stream, from CUDA events. The stream is first held by torch.cuda._sleep for longer
+    than the host takes to queue the calls, so they run back to back and host overhead is not
+    timed; if the GPU reaches the start event before the queue is full, the hold is doubled
+    and the run repeated. Without torch: host wall time, host overhead included."""
     import time
-    try:
-        import torch
-        use_events = torch.cuda.is_available()
-    except ImportError:
-        use_events = False
-    for _ in range(3):
-        fn()
-    sync()
-    if use_events:
+    for f in fns:
+        f()
+    if torch is None:
+        from quanta import cuda
+        sync = cuda.default_stream(0).synchronize
+        sync()
+        t0 = time.perf_counter()
+        for i in range(launches):
+            fns[i % len(fns)]()
+        sync()
+        return (time.perf_counter() - t0) / launches, True
+    torch.cuda.synchronize()
+    hold = 20_000_000  # cycles (~10 ms)
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(hold)
+        start.record()
+        for i in range(launches):
+            fns[i % len(fns)]()
+        end.record()
+        queued_in_time = not start.query()
+        end.synchronize()
+        if queued_in_time:
+            return start.elapsed_time(end) / 1e3 / launches, False
+        hold *= 2
+    return start.elapsed_time(end) / 1e3 / launches, True
+
+
+def _read_bandwidth(torch):
+    """GB/s of torch.sum over 1 GiB of float32 (a pure read), median of 5 (CUDA events)."""
+    big = torch.ones(1 << 28, device="cuda")
+    ts = []
+    for _ in range(6):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
+        big.sum()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / iters
+        ts.append(start.elapsed_time(end) / 1e3)
+    del big
+    return (1 << 30) / float(np.median(ts[1:])) / 1e9
 
 
 def main_cuda(args):
@@ -160,88 +185,112 @@ def main_cuda(args):
         sys.exit(f"bench_qmatmul --device cuda: no CUDA device: {cuda.unavailable_reason()}")
     try:
         import torch
-        have_torch = torch.cuda.is_available()
+        if not torch.cuda.is_available():
+            torch = None
     except ImportError:
-        torch, have_torch = None, False
+        torch = None
     dev = cuda.devices()[0]
     cc = dev["compute_capability"]
     peak = dev["memory_bandwidth_gbs"]
-    print(f"quanta {quanta.__version__} on {dev['name']} (sm_{cc[0]}{cc[1]}), peak memory bandwidth "
-          f"{peak:.0f} GB/s; torch {'%s' % torch.__version__ if have_torch else 'not available'}\n")
+    bw = _read_bandwidth(torch) if torch is not None else peak
+    print(f"quanta {quanta.__version__} on {dev['name']} (sm_{cc[0]}{cc[1]}), memory bandwidth: {peak:.0f} GB/s "
+          f"peak, {bw:.0f} GB/s measured (torch.sum over 1 GiB); torch "
+          f"{torch.__version__ if torch is not None else 'not available: host wall time, launch overhead included'}")
+    print("Weights rotate through copies (>= 256 MB in all) so every call reads them from memory, not L2.\n")
     fmts = args.formats.split(",")
     rng = np.random.default_rng(0)
-    iters = 50 if args.quick else 200
-    sync = cuda.default_stream(0).synchronize
-    results = {"device": dev["name"], "gemv": [], "gemm": [], "matmul_f16": []}
-    N = K = 4096
-    w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
-    wt = torch.from_numpy(w).to("cuda", torch.float16) if have_torch else None
-    w16 = w.astype(np.float16)
-    w16d = cuda.to_device(w16)
-    if have_torch and cc >= (8, 9):
-        w_amax = wt.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        w_scale = (w_amax / 448.0).float()
-        w8 = (wt.float() / w_scale).to(torch.float8_e4m3fn)
-    rows = []
-    for M in ([1, 16, 512] if args.quick else [1, 16, 64, 512, 2048]):
-        x = rng.standard_normal((M, K)).astype(np.float16)
-        xd = cuda.to_device(x)
-        flops = 2.0 * M * N * K
-        ref_x = x.astype(np.float32)
-        if have_torch:
-            xt = torch.from_numpy(x).to("cuda")
-            t = _gpu_time(lambda: xt @ wt.T, torch.cuda.synchronize, iters)
-            rows.append([M, "torch f16 (cuBLAS)", f"{N * K * 2 / 1e6:.1f}", f"{t * 1e6:.1f}",
-                         f"{N * K * 2 / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
-        path = cuda.matmul_path(np.float16, np.float16, M)
-        y = cuda.matmul(xd, w16d).numpy()
-        yr = reference.matmul(x, w16)
-        err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
-        if err > 1e-4:
-            rows.append([M, f"quanta matmul f16 [{path}]", "", "WRONG", f"rel err {err:.2e}", ""])
-        else:
+    launches = 60 if args.quick else 200
+    results = {"device": dev["name"], "bandwidth_gbs": bw, "peak_gbs": peak, "rows": []}
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (8192, 8192)]
+    Ms = [1, 16, 512] if args.quick else [1, 4, 16, 64, 512, 2048]
+
+    def copies(nbytes):
+        return max(2, min(32, -(-(256 << 20) // nbytes)))
+
+    for N, K in shapes:
+        w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+        w16 = w.astype(np.float16)
+        f16_bytes = N * K * 2
+        w16d = [cuda.to_device(w16) for _ in range(copies(f16_bytes))]
+        wt = [torch.from_numpy(w16).to("cuda") for _ in range(len(w16d))] if torch is not None else None
+        have_fp8 = torch is not None and cc >= (8, 9)
+        if have_fp8:
+            w_scale = (wt[0].float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0).float()
+            w8 = [(t.float() / w_scale).to(torch.float8_e4m3fn) for t in wt]
+        qts = {name: quanta.quantize(w, name) for name in fmts}
+        qds = {name: [qt.to("cuda") for _ in range(copies(qt.nbytes))] for name, qt in qts.items()}
+        rows = []
+        for M in Ms:
+            x = rng.standard_normal((M, K)).astype(np.float16)
+            xd = cuda.to_device(x)
+            xc = x[:64].astype(np.float32)  # rows checked against the reference
+            flops = 2.0 * M * N * K
+            t_ref = None
+
+            def row(name, path, nbytes, t, bound, extra=None):
+                gbs = nbytes / t / 1e9
+                r = [M, name + (f" [{path}]" if path else "") + (" *" if bound else ""), f"{nbytes / 1e6:.1f}",
+                     f"{t * 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.0f}%", f"{flops / t / 1e12:.1f}",
+                     f"{t_ref / t:.2f}" if t_ref else ""]
+                rows.append(r)
+                results["rows"].append({"N": N, "K": K, "M": M, "kernel": name, "path": path, "us": t * 1e6,
+                                        "GBs": gbs, "frac_bw": gbs / bw, "TFLOPs": flops / t / 1e12,
+                                        "x_cublas_f16": t_ref / t if t_ref else None, **(extra or {})})
+
+            if torch is not None:
+                xt = torch.from_numpy(x).to("cuda")
+                t_ref, bound = _gpu_time([lambda t=t: xt @ t.T for t in wt], torch, launches)
+                row("torch f16 (cuBLAS)", "", f16_bytes, t_ref, bound)
+            path = cuda.matmul_path(np.float16, np.float16, M)
+            y = cuda.matmul(xd, w16d[0]).numpy()[:64].astype(np.float32)
+            err = np.linalg.norm(y - reference.matmul(xc, w16)) / np.linalg.norm(reference.matmul(xc, w16))
             out = cuda.Array((M, N), np.float16)
-            t = _gpu_time(lambda: cuda.matmul(xd, w16d, out=out), sync, iters)
-            rows.append([M, f"quanta matmul f16 [{path}]", f"{N * K * 2 / 1e6:.1f}", f"{t * 1e6:.1f}",
-                         f"{N * K * 2 / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
-            gbs = N * K * 2 / t / 1e9
-            results["matmul_f16"].append({"M": M, "path": path, "us": t * 1e6, "GBs": gbs,
-                                          "TFLOPs": flops / t / 1e12, "frac_peak_bw": gbs / peak})
-        for name in fmts:
-            qt = quanta.quantize(w, name)
-            wd = qt.to("cuda")
-            path = cuda.qmatmul_path(wd, M)
-            y = cuda.qmatmul(xd, wd).numpy()
-            yr = reference.qmatmul(ref_x, qt)
-            err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
-            if err > (6e-2 if path == "fp8" else 1e-2):
-                rows.append([M, f"{name} [{path}]", "", "WRONG", f"rel err {err:.2e}", ""])
-                continue
-            out = cuda.Array((M, N), np.float16)
-            t = _gpu_time(lambda: cuda.qmatmul(xd, wd, out=out), sync, iters)
-            gbs = qt.nbytes / t / 1e9
-            rows.append([M, f"{name} [{path}]", f"{qt.nbytes / 1e6:.1f}", f"{t * 1e6:.1f}", f"{gbs:.0f}",
-                         f"{flops / t / 1e12:.2f}"])
-            results["gemv" if M == 1 else "gemm"].append(
-                {"M": M, "format": name, "path": path, "us": t * 1e6, "GBs": gbs, "TFLOPs": flops / t / 1e12,
-                 "frac_peak_bw": gbs / peak})
-            if name == "fp8_e4m3" and have_torch and cc >= (8, 9) and M >= 16:
-                xt32 = torch.from_numpy(x).to("cuda").float()
-                x_scale = (xt32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0)
-                x8 = (xt32 / x_scale).to(torch.float8_e4m3fn)
-                fn = lambda: torch._scaled_mm(x8, w8.T, scale_a=x_scale, scale_b=w_scale.T,  # noqa: E731
-                                              out_dtype=torch.float16)
-                ys = fn().float().cpu().numpy()
-                yr8 = reference.matmul(ref_x, w)
-                e8 = np.linalg.norm(ys - yr8) / np.linalg.norm(yr8)
-                if e8 > 6e-2:
-                    rows.append([M, "torch._scaled_mm e4m3", "", "WRONG", f"rel err {e8:.2e}", ""])
-                else:
-                    t = _gpu_time(fn, torch.cuda.synchronize, iters)
-                    rows.append([M, "torch._scaled_mm e4m3", f"{N * K / 1e6:.1f}", f"{t * 1e6:.1f}",
-                                 f"{N * K / t / 1e9:.0f}", f"{flops / t / 1e12:.2f}"])
-    print(f"N = K = {N}, x float16; GB/s = weight bytes / time")
-    _common.print_table(["M", "kernel [path]", "MB", "us", "GB/s", "TFLOP/s"], rows)
+            if err > 1e-3:
+                rows.append([M, f"quanta matmul f16 [{path}]", "", "WRONG", f"rel err {err:.2e}", "", "", ""])
+            else:
+                t, bound = _gpu_time([lambda d=d: cuda.matmul(xd, d, out=out) for d in w16d], torch, launches)
+                row("quanta matmul f16", path, f16_bytes, t, bound)
+            for name, qt in qts.items():
+                wd = qds[name]
+                path = cuda.qmatmul_path(wd[0], M)
+                y = cuda.qmatmul(xd, wd[0]).numpy()[:64]
+                yr = reference.qmatmul(xc, qt)
+                err = np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30)
+                if err > (6e-2 if path == "fp8" else 1e-2):
+                    rows.append([M, f"{name} [{path}]", "", "WRONG", f"rel err {err:.2e}", "", "", ""])
+                    continue
+                t, bound = _gpu_time([lambda d=d: cuda.qmatmul(xd, d, out=out) for d in wd], torch, launches)
+                row(name, path, qt.nbytes, t, bound)
+                alt = {"gemv": "gemm", "gemm": "gemv"}.get(path) if 1 < M <= 16 and cc >= (8, 0) else None
+                if alt:  # the path "auto" did not take, for choosing the crossover
+                    ya = cuda.qmatmul(xd, wd[0], path=alt).numpy()[:64]
+                    if np.linalg.norm(ya - yr) > 1e-2 * np.linalg.norm(yr):
+                        rows.append([M, f"{name} [{alt}]", "", "WRONG", "", "", "", ""])
+                    else:
+                        t, bound = _gpu_time([lambda d=d: cuda.qmatmul(xd, d, out=out, path=alt) for d in wd],
+                                             torch, launches)
+                        row(name, alt + ", forced", qt.nbytes, t, bound)
+                if name == "fp8_e4m3" and have_fp8 and M >= 16:
+                    xt32 = torch.from_numpy(x).to("cuda").float()
+                    x_scale = xt32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+                    x8 = (xt32 / x_scale).to(torch.float8_e4m3fn)
+                    fns = [lambda b=b: torch._scaled_mm(x8, b.T, scale_a=x_scale, scale_b=w_scale.T,
+                                                        out_dtype=torch.float16) for b in w8]
+                    ys = fns[0]().float().cpu().numpy()[:64]
+                    yr8 = reference.matmul(xc, w)
+                    e8 = np.linalg.norm(ys - yr8) / np.linalg.norm(yr8)
+                    if e8 > 6e-2:
+                        rows.append([M, "torch._scaled_mm e4m3", "", "WRONG", f"rel err {e8:.2e}", "", "", ""])
+                    else:
+                        t8, bound = _gpu_time(fns, torch, launches)
+                        row("torch._scaled_mm e4m3", "", N * K, t8, bound, {"x_scaled_mm": None})
+                        results["rows"][-2]["x_scaled_mm"] = t8 / t
+                        rows[-2][-1] += f" ({t8 / t:.2f}x _scaled_mm)"
+        print(f"N = {N}, K = {K}, x float16. GB/s = weight bytes / time; % = of the measured bandwidth; "
+              f"last column = time of cuBLAS float16 / time (* = launch-bound: host overhead included)")
+        _common.print_table(["M", "kernel [path]", "MB", "us", "GB/s", "% bw", "TFLOP/s", "x cuBLAS f16"], rows)
+        print()
+        del w16d, wt, qds
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -99,22 +99,24 @@ qn_status qn_cuda_pointer_device(const void *ptr, int *dev);
  * scales, offsets, supers and super_mins are device pointers (w->fmt a host pointer).
  * x: float32 / float16 / bfloat16 (xdt 0 / 1 / 2), row stride ldx elements; y: same codes
  * (ydt), row stride ldy. Every format of the layout runs. Paths:
- *   GEMV (M <= QN_CUDA_GEMV_MAX_M, or any M on GPUs below sm_80): dequantize in registers,
- *     fp32 math, fp32 x;
+ *   GEMV (auto for M <= QN_CUDA_GEMV_AUTO_M, or any M on GPUs below sm_80; forced, M runs
+ *     in slices of QN_CUDA_GEMV_MAX_M rows): dequantize in registers, fp32 math, fp32 x;
  *   GEMM (sm_80+): mma.sync m16n8k16 on f16 (x float16) or bf16 (x bfloat16 / float32)
- *     tiles, weights dequantized to that type in shared memory, fp32 accumulation;
- *   FP8 (sm_89+, fp8_e4m3 table with one scale per row): x cast to e4m3 with a per-row
- *     scale absmax / 448, mma.sync m16n8k32 e4m3, fp32 accumulation.
+ *     tiles, weights dequantized to that type in shared memory, fp32 accumulation; K split
+ *     across blocks (partials in the workspace, summed in order) when M is small;
+ *   FP8 (sm_89+, fp8_e4m3 table with one scale per row; only when asked for): x cast to e4m3
+ *     with a per-row scale absmax / 448, mma.sync m16n8k32 e4m3, fp32 accumulation.
  * `path` forces one (QN_CUDA_PATH_*; a forced path the GPU cannot run is QN_EUNSUPPORTED).
- * `workspace`: device memory of qn_cuda_qmatmul_workspace(w, M) bytes (may be NULL when 0). */
+ * `workspace`: device memory of the bytes qn_cuda_qmatmul_plan gives (may be NULL when 0). */
 enum { QN_CUDA_PATH_AUTO = 0, QN_CUDA_PATH_GEMV = 1, QN_CUDA_PATH_GEMM = 2, QN_CUDA_PATH_FP8 = 3,
        QN_CUDA_PATH_FMA = 4 /* float matmul only */ };
 #define QN_CUDA_GEMV_MAX_M 16
-int64_t qn_cuda_qmatmul_workspace(const qn_qweight *w, int64_t M);
+#define QN_CUDA_GEMV_AUTO_M 4
 qn_status qn_cuda_qmatmul(void *y, int ydt, int64_t ldy, const qn_qweight *w, const void *x, int xdt,
                           int64_t ldx, int64_t M, void *workspace, int path, int dev, void *stream);
-/* The path QN_CUDA_PATH_AUTO takes for this weight, M and device (for tests and benchmarks). */
-qn_status qn_cuda_qmatmul_path(const qn_qweight *w, int64_t M, int dev, int *path);
+/* *path: the path asked for (QN_CUDA_PATH_AUTO too) on entry, the one that runs on return;
+ * *workspace: the bytes of device memory qn_cuda_qmatmul needs for it (0: none). */
+qn_status qn_cuda_qmatmul_plan(const qn_qweight *w, int64_t M, int dev, int *path, int64_t *workspace);
 
 /* ---- float matmul ----
  * y[M, N] = x[M, K] @ w[N, K]^T with fp32 accumulation. x, w: float32 / float16 / bfloat16

@@ -568,6 +568,27 @@ def test_qmatmul_paths_agree(rng, fmt):
 
 
 @gpu_test
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "int4_g128_asym", "nf4"])
+def test_qmatmul_gemm_split_k(rng, fmt):
+    """Few rows against a long K: the tensor-core path splits K across blocks (q8_0's 37 chunks
+    leave an odd count to the last split) and sums the partials in a fixed order, so a call
+    repeated gives the same bits."""
+    from quanta import reference
+    if cuda.devices()[0]["compute_capability"] < (8, 0):
+        pytest.skip("the tensor-core path needs sm_80+")
+    N, K = 72, 1184 if fmt == "q8_0" else 1280
+    qt = quanta.quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), fmt)
+    wd = qt.to("cuda")
+    for M in (1, 5, 16, 17, 64):
+        for dtype in (np.float16, np.float32):
+            x = _x(rng, M, K, dtype)
+            xd = cuda.to_device(x)
+            y = cuda.qmatmul(xd, wd, path="gemm").numpy()
+            assert_close(y, reference.qmatmul(x, qt), _gpu_tolerance(fmt, "gemm"), f"{fmt} M={M} {np.dtype(dtype)}")
+            np.testing.assert_array_equal(cuda.qmatmul(xd, wd, path="gemm").numpy(), y)
+
+
+@gpu_test
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "q4_0"])
 def test_qmatmul_odd_shapes_strided_and_out(rng, fmt):
     from quanta import reference

@@ -584,7 +584,7 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
-/* qmatmul_plan(fmt, N, K, M, device) -> (path, workspace bytes) */
+/* qmatmul_plan(fmt, N, K, M, device, path) -> (path that runs, workspace bytes) */
 static PyObject *py_qmatmul_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     const char *op = "qmatmul_plan";
@@ -592,17 +592,19 @@ static PyObject *py_qmatmul_plan(PyObject *self, PyObject *const *args, Py_ssize
     qn_qweight w;
     int64_t M;
     int dev, path;
+    int64_t ws = 0;
     memset(&w, 0, sizeof w);
-    if (check_nargs(op, nargs, 5) < 0 || arg_format(args[0], op, &f) < 0 || arg_i64(args[1], op, "N", &w.N) < 0 ||
-        arg_i64(args[2], op, "K", &w.K) < 0 || arg_i64(args[3], op, "M", &M) < 0 || arg_int(args[4], op, "device", &dev) < 0)
+    if (check_nargs(op, nargs, 6) < 0 || arg_format(args[0], op, &f) < 0 || arg_i64(args[1], op, "N", &w.N) < 0 ||
+        arg_i64(args[2], op, "K", &w.K) < 0 || arg_i64(args[3], op, "M", &M) < 0 ||
+        arg_int(args[4], op, "device", &dev) < 0 || arg_int(args[5], op, "path", &path) < 0)
         return NULL;
     w.fmt = &f;
     qn_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = qn_cuda_qmatmul_path(&w, M, dev, &path);
+    st = qn_cuda_qmatmul_plan(&w, M, dev, &path, &ws);
     Py_END_ALLOW_THREADS
     if (st != QN_OK) return qn_cuda_raise(st);
-    return Py_BuildValue("(iL)", path, (long long)qn_cuda_qmatmul_workspace(&w, M));
+    return Py_BuildValue("(iL)", path, (long long)ws);
 }
 
 /* ---- float matmul ---- */
@@ -667,7 +669,7 @@ PyMethodDef qn_py_array_methods[] = {
      "qmatmul(fmt, N, K, codes, scales, offsets, supers, super_mins, y, ydt, ldy, x, xdt, ldx, M, workspace, "
      "path, device, stream)"},
     {"qmatmul_plan", (PyCFunction)(void (*)(void))py_qmatmul_plan, METH_FASTCALL,
-     "qmatmul_plan(fmt, N, K, M, device) -> (path, workspace bytes)"},
+     "qmatmul_plan(fmt, N, K, M, device, path) -> (path that runs, workspace bytes)"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(y, ydt, ldy, x, xdt, ldx, w, wdt, ldw, M, N, K, path, device, stream)"},
     {"matmul_path", (PyCFunction)(void (*)(void))py_matmul_path, METH_FASTCALL,

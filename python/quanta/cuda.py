@@ -410,12 +410,26 @@ def _cai_dtype(typestr: str) -> np.dtype:
     return dt
 
 
+def _cai_of(obj) -> Optional[dict]:
+    """obj's __cuda_array_interface__, or None when it has none or its typestr names no type
+    ("<V2": torch's bfloat16) and DLPack, which names the type, can be used instead."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None and hasattr(obj, "__dlpack__"):
+        try:
+            void = np.dtype(cai["typestr"]).kind == "V"
+        except TypeError:
+            void = True
+        if void:
+            return None
+    return cai
+
+
 def describe(obj) -> Optional[tuple]:
     """(shape, dtype, strides in bytes) of a GPU array without touching the device or consuming
     anything, or None when `obj` exposes no `__cuda_array_interface__` (quanta Arrays do)."""
     if isinstance(obj, Array):
         return obj.shape, obj.dtype, obj.strides
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    cai = _cai_of(obj)
     if cai is None:
         return None
     shape = tuple(int(n) for n in cai["shape"])
@@ -452,7 +466,7 @@ def asarray(obj, stream: Optional[Stream] = None) -> Array:
         return obj
     if isinstance(obj, np.ndarray):
         raise TypeError("asarray: a numpy array lives on the CPU; copy it with quanta.cuda.to_device")
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    cai = _cai_of(obj)
     if cai is not None:
         shape, dt, strides = describe(obj)
         if cai.get("mask") is not None:
@@ -644,10 +658,10 @@ def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Opt
     float32, float16 or bfloat16 with contiguous rows; default a new float32 Array. Returns
     out, or the new Array shaped (..., N). Runs on `stream` (default: the stream of x when x
     is a quanta Array, else the device's default stream).
-    path: "auto"; "gemv", "gemm" or "fp8" force a kernel (tests, benchmarks). Numerics:
-    fp32 math for M <= 16; f16 (x float16) or bf16 (x bfloat16 / float32) tensor-core tiles
-    with fp32 accumulation above; fp8_e4m3 weights with M > 16 on sm_89+ cast x to e4m3 with
-    a per-row scale and use fp8 tensor cores.
+    path: "auto" (GEMV for M <= 4, else GEMM); "gemv", "gemm" or "fp8" force a kernel
+    (tests, benchmarks). Numerics: GEMV: fp32 math; GEMM: f16 (x float16) or bf16 (x bfloat16
+    / float32) tensor-core tiles with fp32 accumulation, K split across blocks for small M;
+    "fp8" (fp8_e4m3 weights, sm_89+): x cast to e4m3 with a per-row scale, e4m3 tensor cores.
     """
     if not isinstance(w, CudaQuantizedTensor):
         raise TypeError(f"qmatmul: x is a GPU array, so w must be a GPU tensor: move the weight once with "
@@ -673,9 +687,7 @@ def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Opt
     if M == 0:
         return out if out is not None else ya
     fmt = w.format._c
-    pcode, ws_bytes = mod.qmatmul_plan(fmt, N, K, M, w.device)
-    if path == "fp8" or (path == "auto" and pcode == mod.PATH_FP8):
-        ws_bytes = max(ws_bytes, 4 * M)
+    _, ws_bytes = mod.qmatmul_plan(fmt, N, K, M, w.device, _PATHS[path])
     ws = Array((ws_bytes,), np.uint8, w.device, st) if ws_bytes else None
     ptrs = [0 if a is None else a.ptr for a in w.arrays]
     mod.qmatmul(fmt, N, K, *ptrs, ya.ptr, _X_DTYPES[ya.dtype], ldy, xa.ptr, _X_DTYPES[dt], ldx, M,
@@ -686,7 +698,7 @@ def qmatmul(x, w: CudaQuantizedTensor, out=None, path: str = "auto", stream: Opt
 def qmatmul_path(w: CudaQuantizedTensor, M: int) -> str:
     """The kernel qmatmul's "auto" picks for this weight and M on w's device."""
     mod = _device_module()
-    code, _ = mod.qmatmul_plan(w.format._c, w.shape[0], w.shape[1], int(M), w.device)
+    code, _ = mod.qmatmul_plan(w.format._c, w.shape[0], w.shape[1], int(M), w.device, _PATHS["auto"])
     return {v: k for k, v in _PATHS.items()}[code]
 
 
