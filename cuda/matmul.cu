@@ -282,28 +282,7 @@ static __global__ void __launch_bounds__(WM * WN * 32)
             cp_async_wait<0>();
         }
         __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < GEMM_BK; ks += 16) {
-            uint32_t a[MI][4], b[NJ][2];
-#pragma unroll
-            for (int i = 0; i < MI; i++) {
-                const int row = wm * TM + i * 16 + g;
-                a[i][0] = lds32(&xs[s][row][ks + 2 * tq]);
-                a[i][1] = lds32(&xs[s][row + 8][ks + 2 * tq]);
-                a[i][2] = lds32(&xs[s][row][ks + 2 * tq + 8]);
-                a[i][3] = lds32(&xs[s][row + 8][ks + 2 * tq + 8]);
-            }
-#pragma unroll
-            for (int j = 0; j < NJ; j++) {
-                const int col = wn * TN + j * 8 + g;
-                b[j][0] = lds32(&ws[s][col][ks + 2 * tq]);
-                b[j][1] = lds32(&ws[s][col][ks + 2 * tq + 8]);
-            }
-#pragma unroll
-            for (int i = 0; i < MI; i++)
-#pragma unroll
-                for (int j = 0; j < NJ; j++) mma_16816<T>(acc[i][j], a[i], b[j]);
-        }
+        warp_mma_tile<T, MI, NJ, GEMM_BK, LDS>(acc, xs[s], ws[s], wm * TM, wn * TN, g, tq);
         __syncthreads(); /* stage s is refilled in step kt + 1 */
     }
 #pragma unroll

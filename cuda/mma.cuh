@@ -58,6 +58,36 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
 /* One fragment register: two consecutive 16-bit elements (or four bytes) of shared memory. */
 __device__ __forceinline__ uint32_t lds32(const void *p) { return *static_cast<const uint32_t *>(p); }
 
+/* acc += A B over BK inputs for one warp's MI x NJ grid of m16n8k16 tiles: A rows row0 + 16i
+ * (+ g, + 8) of xs, B columns col0 + 8j (+ g) of ws, both shared-memory tiles [row][k] of
+ * LDS elements a row. g = lane / 4, tq = lane % 4. */
+template <typename CT, int MI, int NJ, int BK, int LDS>
+__device__ __forceinline__ void warp_mma_tile(float (&acc)[MI][NJ][4], const CT (*xs)[LDS], const CT (*ws)[LDS],
+                                              int row0, int col0, int g, int tq) {
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+        uint32_t a[MI][4], b[NJ][2];
+#pragma unroll
+        for (int i = 0; i < MI; i++) {
+            const int row = row0 + i * 16 + g;
+            a[i][0] = lds32(&xs[row][ks + 2 * tq]);
+            a[i][1] = lds32(&xs[row + 8][ks + 2 * tq]);
+            a[i][2] = lds32(&xs[row][ks + 2 * tq + 8]);
+            a[i][3] = lds32(&xs[row + 8][ks + 2 * tq + 8]);
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            const int col = col0 + j * 8 + g;
+            b[j][0] = lds32(&ws[col][ks + 2 * tq]);
+            b[j][1] = lds32(&ws[col][ks + 2 * tq + 8]);
+        }
+#pragma unroll
+        for (int i = 0; i < MI; i++)
+#pragma unroll
+            for (int j = 0; j < NJ; j++) mma_16816<CT>(acc[i][j], a[i], b[j]);
+    }
+}
+
 }  // namespace
 
 #endif /* QN_CUDA_MMA_CUH */

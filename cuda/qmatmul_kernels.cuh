@@ -404,28 +404,7 @@ static __global__ void __launch_bounds__(GEMM_THREADS)
     for (int kc = c_begin; kc < c_end; kc += BK / QN_CHUNK, buf ^= 1) {
         const bool more = kc + BK / QN_CHUNK < c_end;
         if (more) fetch(kc + BK / QN_CHUNK);
-#pragma unroll
-        for (int ks = 0; ks < BK; ks += 16) {
-            uint32_t a[MI][4], b[NJ][2];
-#pragma unroll
-            for (int i = 0; i < MI; i++) {
-                const int row = wm * WTM + i * 16 + g;
-                a[i][0] = lds32(&xs[buf][row][ks + 2 * tq]);
-                a[i][1] = lds32(&xs[buf][row + 8][ks + 2 * tq]);
-                a[i][2] = lds32(&xs[buf][row][ks + 2 * tq + 8]);
-                a[i][3] = lds32(&xs[buf][row + 8][ks + 2 * tq + 8]);
-            }
-#pragma unroll
-            for (int j = 0; j < NJ; j++) {
-                const int col = wn * WTN + j * 8 + g;
-                b[j][0] = lds32(&ws[buf][col][ks + 2 * tq]);
-                b[j][1] = lds32(&ws[buf][col][ks + 2 * tq + 8]);
-            }
-#pragma unroll
-            for (int i = 0; i < MI; i++)
-#pragma unroll
-                for (int j = 0; j < NJ; j++) mma_16816<CT>(acc[i][j], a[i], b[j]);
-        }
+        warp_mma_tile<CT, MI, NJ, BK, LDS>(acc, xs[buf], ws[buf], wm * WTM, wn * WTN, g, tq);
         if (more) store(buf ^ 1);
         __syncthreads();
     }
