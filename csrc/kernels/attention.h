@@ -121,14 +121,35 @@ static inline void qn_attn_prefetch(const void *p) {
 #endif
 }
 
+/* The key block that starts at jb: [jb, *je), at most QN_ATTN_BK keys and never across a page
+ * of the block table; *page is its page (0 without a table), *off where its first key sits. */
+static inline void qn_attn_block_at(const qn_attn_tile *t, int64_t jb, int64_t *je, int64_t *page, int64_t *off) {
+    const int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
+    *je = qn_min64(t->j1, jb + QN_ATTN_BK);
+    if (t->table) *je = qn_min64(*je, (pg + 1) * t->bs);
+    *page = t->table ? t->table[pg] : 0;
+    *off = *page * t->ld_page + row * t->ld_tok;
+}
+
+/* Whether any of n query rows, row r seeing keys [lo[r], hi[r]), sees a key in [jb, je). */
+static inline int qn_attn_rows_see(const int64_t *lo, const int64_t *hi, int n, int64_t jb, int64_t je) {
+    for (int r = 0; r < n; r++)
+        if (qn_max64(lo[r], jb) < qn_min64(hi[r], je)) return 1;
+    return 0;
+}
+
+/* qn_attn_block_at, and whether any of the tile's nh * R query rows sees a key in the block. */
+static inline int qn_attn_block(const qn_attn_tile *t, int64_t jb, int64_t *je, int64_t *page, int64_t *off) {
+    qn_attn_block_at(t, jb, je, page, off);
+    return qn_attn_rows_see(t->lo, t->hi, t->nh * t->R, jb, *je);
+}
+
 /* Prefetches the key and value rows (all nh heads) of the block after the one ending at je.
  * Rows are ld_tok apart (often > 4 KiB), which hardware prefetchers do not follow. */
 static inline void qn_attn_prefetch_next(const qn_attn_tile *t, int64_t je) {
     if (je >= t->j1) return;
-    int64_t pg = t->table ? je / t->bs : 0, row = t->table ? je % t->bs : je;
-    int64_t ne = qn_min64(je + QN_ATTN_BK, t->j1);
-    if (t->table) ne = qn_min64(ne, (pg + 1) * t->bs);
-    int64_t next = (t->table ? t->table[pg] : 0) * t->ld_page + row * t->ld_tok;
+    int64_t ne, page, next;
+    qn_attn_block_at(t, je, &ne, &page, &next);
     int es = t->kvdtype == QN_A_F32 ? 4 : t->kvdtype <= QN_A_BF16 ? 2 : 1;
     int64_t bytes = ((t->nh - 1) * t->ld_head + t->D) * es;
     for (int64_t i = 0; i < ne - je; i++) {

@@ -206,16 +206,10 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
     }
     const float cap = t->softcap;
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
-        int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
-        je = qn_min64(t->j1, jb + BK);
-        if (t->table) je = qn_min64(je, (pg + 1) * t->bs);
+        int64_t page, off;
+        if (!qn_attn_block(t, jb, &je, &page, &off)) continue;
         const int n = (int)(je - jb);
-        const int64_t page = t->table ? t->table[pg] : 0;
-        int any = 0;
-        for (int r = 0; r < t->nh * R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
-        if (!any) continue;
         qn_attn_prefetch_next(t, je);
-        const int64_t off = page * t->ld_page + row * t->ld_tok;
         convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
                      t->kscale ? t->kscale + page * t->ld_scale : NULL);
         convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
@@ -223,9 +217,7 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
         for (int hh = 0; hh < t->nh; hh++) {
             const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
             float *m = t->m + hh * R, *l = t->l + hh * R;
-            any = 0;
-            for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
-            if (!any) continue;
+            if (!qn_attn_rows_see(lo, hi, R, jb, je)) continue;
             qk(S, t->q + hh * R * Dp, Kf + hh * BK * Dp, R, n, Dp);
             softmax_rows(S, alpha, m, l, lo, hi, R, n, jb, je, cap);
             float *o = t->o + hh * R * Dp;

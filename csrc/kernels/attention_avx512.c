@@ -258,16 +258,10 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
     }
     const float cap = t->softcap;
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
-        int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
-        je = qn_min64(t->j1, jb + BK);
-        if (t->table) je = qn_min64(je, (pg + 1) * t->bs);
+        int64_t page, off;
+        if (!qn_attn_block(t, jb, &je, &page, &off)) continue;
         const int n = (int)(je - jb);
-        const int64_t page = t->table ? t->table[pg] : 0;
-        int any = 0;
-        for (int r = 0; r < t->nh * R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
-        if (!any) continue;
         qn_attn_prefetch_next(t, je);
-        const int64_t off = page * t->ld_page + row * t->ld_tok;
         convert_rows(Kf, t->k, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
                      t->kscale ? t->kscale + page * t->ld_scale : NULL);
         convert_rows(Vf, t->v, t->kvdtype, off, t->ld_tok, n, t->nh, t->ld_head, t->D, Dp,
@@ -275,9 +269,7 @@ static inline __attribute__((always_inline)) void tile_body(const qn_attn_tile *
         for (int hh = 0; hh < t->nh; hh++) {
             const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
             float *m = t->m + hh * R, *l = t->l + hh * R;
-            any = 0;
-            for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
-            if (!any) continue;
+            if (!qn_attn_rows_see(lo, hi, R, jb, je)) continue;
             qk(S, t->q + hh * R * Dp, Kf + hh * BK * Dp, R, n, Dp);
             softmax_rows(S, alpha, m, l, lo, hi, R, n, jb, je, cap);
             pv(t->o + hh * R * Dp, S, Vf + hh * BK * Dp, alpha, R, n, Dp);
@@ -564,31 +556,21 @@ static inline __attribute__((always_inline)) void decode_body(const qn_attn_tile
         memset(qsc + t->nh * R, 0, 7 * sizeof(float));
     }
     for (int64_t jb = t->j0, je; jb < t->j1; jb = je) {
-        int64_t pg = t->table ? jb / t->bs : 0, row = t->table ? jb % t->bs : jb;
-        je = qn_min64(t->j1, jb + BK);
-        if (t->table) je = qn_min64(je, (pg + 1) * t->bs);
+        int64_t page, off;
+        if (!qn_attn_block(t, jb, &je, &page, &off)) continue;
         const int n = (int)(je - jb);
-        const int64_t page = t->table ? t->table[pg] : 0;
-        int any = 0;
-        for (int r = 0; r < t->nh * R && !any; r++) any = qn_max64(t->lo[r], jb) < qn_min64(t->hi[r], je);
-        if (!any) continue;
-        const int64_t off = page * t->ld_page + row * t->ld_tok;
         /* the next block, prefetched head by head while this one is computed */
         int64_t noff = 0;
         int nn = 0;
         if (je < t->j1) {
-            int64_t npg = t->table ? je / t->bs : 0, nrow = t->table ? je % t->bs : je;
-            int64_t nje = qn_min64(t->j1, je + BK);
-            if (t->table) nje = qn_min64(nje, (npg + 1) * t->bs);
+            int64_t nje, npage;
+            qn_attn_block_at(t, je, &nje, &npage, &noff);
             nn = (int)(nje - je);
-            noff = (t->table ? t->table[npg] : 0) * t->ld_page + nrow * t->ld_tok;
         }
         for (int hh = 0; hh < t->nh; hh++) {
             const int64_t *lo = t->lo + hh * R, *hi = t->hi + hh * R;
             float *m = t->m + hh * R, *l = t->l + hh * R;
-            any = 0;
-            for (int r = 0; r < R && !any; r++) any = qn_max64(lo[r], jb) < qn_min64(hi[r], je);
-            if (!any) continue;
+            if (!qn_attn_rows_see(lo, hi, R, jb, je)) continue;
             const char *kb = (const char *)t->k + (off + hh * t->ld_head) * es;
             const char *vb = (const char *)t->v + (off + hh * t->ld_head) * es;
             float ks = t->kscale ? t->kscale[page * t->ld_scale + hh] * fp8 : 1.0f;
