@@ -260,12 +260,7 @@ static __global__ void __launch_bounds__(WM * WN * 32)
     const int nk = (K + GEMM_BK - 1) / GEMM_BK;
 
     float acc[MI][NJ][4];
-#pragma unroll
-    for (int i = 0; i < MI; i++)
-#pragma unroll
-        for (int j = 0; j < NJ; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    zero_tiles(acc);
 
     load_tile<T, BM, THREADS, ASYNC>(xs[0], x, ldx, m0, M, 0, K, tid);
     load_tile<T, BN, THREADS, ASYNC>(ws[0], w, ldw, n0, N, 0, K, tid);

@@ -58,6 +58,17 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
 /* One fragment register: two consecutive 16-bit elements (or four bytes) of shared memory. */
 __device__ __forceinline__ uint32_t lds32(const void *p) { return *static_cast<const uint32_t *>(p); }
 
+/* Zeroes a warp's MI x NJ grid of fp32 accumulator fragments. */
+template <int MI, int NJ>
+__device__ __forceinline__ void zero_tiles(float (&acc)[MI][NJ][4]) {
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+}
+
 /* acc += A B over BK inputs for one warp's MI x NJ grid of m16n8k16 tiles: A rows row0 + 16i
  * (+ g, + 8) of xs, B columns col0 + 8j (+ g) of ws, both shared-memory tiles [row][k] of
  * LDS elements a row. g = lane / 4, tq = lane % 4. */

@@ -75,12 +75,7 @@ static __global__ void __launch_bounds__(GEMM_THREADS)
     __syncthreads();
 
     float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    zero_tiles(acc);
 
     for (int kc = 0; kc < w.n_chunks; kc += BK / QN_CHUNK) {
         const int kbase = kc * QN_CHUNK;

@@ -332,12 +332,7 @@ static __global__ void __launch_bounds__(GEMM_THREADS)
         for (int i = tid; i < (1 << BITS); i += GEMM_THREADS) s_lut[i] = lut.v[i];
 
     float acc[MI][NJ][4];
-#pragma unroll
-    for (int i = 0; i < MI; i++)
-#pragma unroll
-        for (int j = 0; j < NJ; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    zero_tiles(acc);
 
     float xv[XU][8];
     Codes cr;
