@@ -280,16 +280,9 @@ static __global__ void __launch_bounds__(WM * WN * 32)
         warp_mma_tile<T, MI, NJ, GEMM_BK, LDS>(acc, xs[s], ws[s], wm * TM, wn * TN, g, tq);
         __syncthreads(); /* stage s is refilled in step kt + 1 */
     }
-#pragma unroll
-    for (int i = 0; i < MI; i++)
-#pragma unroll
-        for (int j = 0; j < NJ; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t row = m0 + wm * TM + i * 16 + g + (e >= 2 ? 8 : 0);
-                const int64_t col = n0 + wn * TN + j * 8 + 2 * tq + (e & 1);
-                if (row < M && col < N) store_y(y, ydt, row * ldy + col, acc[i][j][e]);
-            }
+    for_each_acc(acc, m0 + wm * TM, n0 + wn * TN, g, tq, [&](int64_t row, int64_t col, float v) {
+        if (row < M && col < N) store_y(y, ydt, row * ldy + col, v);
+    });
 #endif
 }
 

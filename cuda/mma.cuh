@@ -69,6 +69,20 @@ __device__ __forceinline__ void zero_tiles(float (&acc)[MI][NJ][4]) {
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 }
 
+/* fn(row, col, value) for every element of a warp's MI x NJ accumulator grid whose tiles start
+ * at row row0 and column col0 (C fragments: rows g and g + 8, columns 2tq and 2tq + 1). */
+template <int MI, int NJ, typename F>
+__device__ __forceinline__ void for_each_acc(const float (&acc)[MI][NJ][4], int64_t row0, int64_t col0, int g, int tq,
+                                             F &&fn) {
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                fn(row0 + i * 16 + g + (e >= 2 ? 8 : 0), col0 + j * 8 + 2 * tq + (e & 1), acc[i][j][e]);
+}
+
 /* acc += A B over BK inputs for one warp's MI x NJ grid of m16n8k16 tiles: A rows row0 + 16i
  * (+ g, + 8) of xs, B columns col0 + 8j (+ g) of ws, both shared-memory tiles [row][k] of
  * LDS elements a row. g = lane / 4, tq = lane % 4. */

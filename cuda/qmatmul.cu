@@ -132,19 +132,12 @@ static __global__ void __launch_bounds__(GEMM_THREADS)
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t row = m0 + wm * 32 + i * 16 + g + (e >= 2 ? 8 : 0);
-                const int64_t col = p0 * 16 + wn * 32 + j * 8 + 2 * tq + (e & 1);
-                if (row < M && col < w.N) {
-                    const float ws_ = load_scale(w.scales, col, w.scale) /* one group: [n_panels][1][16] */;
-                    store_y(y, ydt, row * ldy + col, acc[i][j][e] * xscale[row] * ws_);
-                }
-            }
+    for_each_acc(acc, m0 + wm * 32, p0 * 16 + wn * 32, g, tq, [&](int64_t row, int64_t col, float v) {
+        if (row < M && col < w.N) {
+            const float ws_ = load_scale(w.scales, col, w.scale) /* one group: [n_panels][1][16] */;
+            store_y(y, ydt, row * ldy + col, v * xscale[row] * ws_);
+        }
+    });
 #endif
 }
 

@@ -404,19 +404,15 @@ static __global__ void __launch_bounds__(GEMM_THREADS)
         __syncthreads();
     }
     float *pz = gridDim.z > 1 ? part + static_cast<int64_t>(blockIdx.z) * M * w.N : nullptr;
-#pragma unroll
-    for (int i = 0; i < MI; i++)
-#pragma unroll
-        for (int j = 0; j < NJ; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t row = m0 + wm * WTM + i * 16 + g + (e >= 2 ? 8 : 0);
-                const int64_t col = p0 * 16 + wn * WTN + j * 8 + 2 * tq + (e & 1);
-                if (row < M && col < w.N) {
-                    if (pz) pz[row * w.N + col] = acc[i][j][e];
-                    else store_y(y, ydt, row * ldy + col, acc[i][j][e]);
-                }
-            }
+    const int64_t row0 = m0 + wm * WTM, col0 = p0 * 16 + wn * WTN;
+    if (pz)
+        for_each_acc(acc, row0, col0, g, tq, [&](int64_t row, int64_t col, float v) {
+            if (row < M && col < w.N) pz[row * w.N + col] = v;
+        });
+    else
+        for_each_acc(acc, row0, col0, g, tq, [&](int64_t row, int64_t col, float v) {
+            if (row < M && col < w.N) store_y(y, ydt, row * ldy + col, v);
+        });
 #endif
 }
 
