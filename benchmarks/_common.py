@@ -36,13 +36,30 @@ def median_time(fn, repeats: int = 10, warmup: int = 2, min_time: float = 0.0) -
     return float(np.median(ts))
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Bytes/s the machine reads with the current threads (quanta's streaming probe)."""
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, buf=None) -> float:
+    """Bytes/s the machine reads with the current threads (quanta's streaming probe);
+    buf: a uint64 array to read (reused between calls), else nbytes of a fresh one."""
     import numpy as np
     from quanta import _C
-    a = np.ones(nbytes // 8, dtype=np.uint64)
+    a = np.ones(nbytes // 8, dtype=np.uint64) if buf is None else buf
     t = median_time(lambda: _C._read_bandwidth(a), repeats=repeats, warmup=1)
-    return nbytes / t
+    return a.nbytes / t
+
+
+def time_against_bandwidth(fn, nbytes: int, rounds: int = 7, repeats: int = 20, probe_bytes: int = 256 << 20):
+    """(median seconds of fn, median of nbytes / bandwidth / seconds, median bandwidth):
+    rounds that each probe the read bandwidth and then time fn, so the fraction of the
+    bandwidth floor is taken from measurements side by side on this noisy machine."""
+    import numpy as np
+    buf = np.ones(probe_bytes // 8, dtype=np.uint64)
+    ts, fr, bws = [], [], []
+    for _ in range(rounds):
+        bw = read_bandwidth(repeats=3, buf=buf)
+        t = median_time(fn, repeats=repeats)
+        ts.append(t)
+        bws.append(bw)
+        fr.append(nbytes / bw / t)
+    return float(np.median(ts)), float(np.median(fr)), float(np.median(bws))
 
 
 class Rotator:

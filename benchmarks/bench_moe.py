@@ -7,8 +7,10 @@ the `transformers` block in torch float32 when torch and transformers are instal
 Shapes: Mixtral-like d=2048, ffn=5632, E=8, top-2; Qwen3-MoE-like d=2048, ffn=768, E=128,
 top-8. Experts are distinct memory (each projection's experts are quantized from a few
 random matrices, then stacked into new arrays). Decode: each call routes a different token
-from a pool of 64, so the selected experts mostly come from memory; "of floor" = (bytes of
-the top_k experts the call reads) / measured read bandwidth / time. Prefill: GOP/s
+from a pool of 64 and takes the next of >= 2 copies of the experts (>= 256 MB beyond one
+copy), so the selected experts come from memory, not the L3; "of floor" = (bytes of
+the top_k experts the call reads) / read bandwidth / time, the median over rounds that each
+probe the bandwidth right before timing (this machine's bandwidth wanders). Prefill: GOP/s
 counting 2 * 3 * d * ffn per (token, expert) pair. Every configuration is checked against
 quanta.reference (int8 activations modelled) before it is timed; a wrong result prints no
 number. The torch block (MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock, fused expert
@@ -53,15 +55,27 @@ def build_experts(rng, m, fmt, distinct=2):
     return MoEExperts(qs["gate_proj"], qs["up_proj"], qs["down_proj"]), deq
 
 
+def copy_experts(ex):
+    """The same experts in fresh memory (MoEExperts stacks its arrays anew)."""
+    return MoEExperts(*([ex[e][p] for e in range(ex.E)] for p in ("gate_proj", "up_proj", "down_proj")))
+
+
 def rel_err(y, yr):
     return float(np.linalg.norm(y - yr) / max(np.linalg.norm(yr), 1e-30))
+
+
+# quanta vs reference.moe(act_quant=True), relative L2 per token: float32 accumulation
+# (~1e-7), and an int8 code of silu(g) * up that rounds the other way when the kernel's
+# float32 h and the reference's float64 h straddle a half step, which moves that expert's
+# output by about one code in 127 * sqrt(ffn / 3) (~1e-3 here). A wrong kernel is off by O(1).
+CHECK_TOL = 5e-3
 
 
 def check(x, rw, ex, m):
     y = ops.moe(x, rw, ex, m["top_k"], renormalize=m["renormalize"])
     yr, _ = reference.moe(x, rw, ex, m["top_k"], renormalize=m["renormalize"], act_quant=True)
-    err = rel_err(y, yr)
-    return err < 1e-4, err
+    err = max(rel_err(y[t], yr[t]) for t in range(len(x)))
+    return err < CHECK_TOL, err
 
 
 TORCH_IMPLS = ("grouped_mm", "eager")
@@ -198,12 +212,13 @@ def main():
                     it = iter(range(1 << 30))
                     xs = [pool[i:i + 1] for i in range(64)]
                     out = np.empty((1, d), np.float32)
-                    t = _common.median_time(lambda: ops.moe(xs[next(it) % 64], rw, ex, k, out=out),
-                                            repeats=reps * 3)
                     sel = ex.expert_nbytes * k
-                    floor = sel / bw
+                    rot = _common.Rotator(lambda: copy_experts(ex), ex.nbytes, 2 * ex.nbytes + (256 << 20))
+                    t, of_floor, _ = _common.time_against_bandwidth(
+                        lambda: ops.moe(xs[next(it) % 64], rw, rot.next(), k, out=out), sel,
+                        rounds=3 if args.quick else 9, repeats=reps)
                     rows.append([mname, fmt, T, f"{t * 1e3:.3f}", f"{sel / t / 1e9:.1f} GB/s",
-                                 f"{floor / t:.2f}", "" if tt is None else f"{tt * 1e3:.2f}", impl,
+                                 f"{of_floor:.2f}", "" if tt is None else f"{tt * 1e3:.2f}", impl,
                                  "" if tt is None else f"{tt / t:.1f}"])
                 else:
                     x = rng.standard_normal((T, d)).astype(np.float32)

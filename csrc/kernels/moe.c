@@ -438,7 +438,7 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
                 qn_qact_copy_row(&ag, r, &xg, rows[ps.row0 + r]);
                 if (!pl.share_up) qn_qact_copy_row(&au, r, &xu, rows[ps.row0 + r]);
             }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
             for (int64_t i = cg[0]; i < cg[ps.na]; i++) {
                 int64_t e, p0, np, m0, mr;
                 item_coords(&ps, cg, np_ffn, i, &e, &p0, &np, &m0, &mr);
@@ -450,7 +450,7 @@ qn_status qn_moe_experts_apply(float *QN_RESTRICT y, int64_t *counts_out, const 
             }
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < nrow; r++) qn_qact_prepare_row(&ad, r, G + r * ffn, QN_X_F32);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
             for (int64_t i = cd[0]; i < cd[ps.na]; i++) {
                 int64_t e, p0, np, m0, mr;
                 item_coords(&ps, cd, np_d, i, &e, &p0, &np, &m0, &mr);

@@ -297,7 +297,7 @@ qn_status qn_qmatmul_ahead(float *QN_RESTRICT y, const qn_qweight *w, const void
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) qn_qact_prepare_row(&act, m, (const char *)x + m * ldx * xsize, xdtype);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int64_t t = 0; t < n_tiles; t++) {
             int64_t pb = t / n_mt, mt = t % n_mt;
             int64_t p0 = pb * QN_NP_BLOCK, np = qn_min64(QN_NP_BLOCK, np_total - p0);

@@ -116,22 +116,42 @@ QN_INLINE __m512 scale16(const void *base, int scale, int64_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-QN_INLINE void group_scales(const scale_ctx *c, int64_t p, int64_t gi, __m512 *ws, __m512i *wz, __m512 *wo,
-                             const int MODE) {
-    int64_t i = (p * c->n_groups + gi) * 16;
+/* The super-block scales of 16 rows, decoded once per super-block of the nested formats:
+ * d, and -dmin (U6; the negation is exact, so -dmin * m equals -(dmin * m)). */
+typedef struct super_regs { __m512 d[4], nm[4]; } super_regs;
+
+QN_INLINE super_regs no_super(void) {
+    super_regs sr;
+    for (int p = 0; p < 4; p++) sr.d[p] = sr.nm[p] = _mm512_setzero_ps();
+    return sr;
+}
+
+QN_INLINE void super_scales(const scale_ctx *c, int64_t p0, int64_t gi, super_regs *sr, const int NP,
+                            const int MODE) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    for (int p = 0; p < NP; p++) {
+        int64_t si = ((p0 + p) * c->n_super + (gi * c->group) / QN_SUPER) * 16;
+        sr->d[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->supers + si)));
+        if (sm_scale(c, MODE) == QN_SCALE_NESTED_U6)
+            sr->nm[p] = _mm512_xor_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->super_mins + si))),
+                                      sign);
+    }
+}
+
+/* Scale, zero point and min of group gi for the 16 rows of panel p (tile-relative p0 + p);
+ * nested formats take their super-block scales from sr. */
+QN_INLINE void group_scales(const scale_ctx *c, int64_t p0, int p, int64_t gi, const super_regs *sr, __m512 *ws,
+                            __m512i *wz, __m512 *wo, const int MODE) {
+    int64_t i = ((p0 + p) * c->n_groups + gi) * 16;
     const int scale = sm_scale(c, MODE), offset = sm_offset(c, MODE);
-    if (sm_nested(c, MODE)) { /* nested GGUF K-quant scales */
-        int64_t si = (p * c->n_super + (gi * c->group) / QN_SUPER) * 16;
-        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->supers + si)));
+    if (sm_nested(c, MODE)) {
         __m128i sc = _mm_loadu_si128((const __m128i *)(c->scales + i));
         if (scale == QN_SCALE_NESTED_U6) {
-            *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
-            __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->super_mins + si)));
+            *ws = _mm512_mul_ps(sr->d[p], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
             __m128i mn = _mm_loadu_si128((const __m128i *)(c->offsets + i));
-            __m512 prod = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
-            *wo = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(prod), _mm512_set1_epi32((int)0x80000000u)));
+            *wo = _mm512_mul_ps(sr->nm[p], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
         } else {
-            *ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+            *ws = _mm512_mul_ps(sr->d[p], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
         }
         return;
     }
@@ -143,12 +163,14 @@ QN_INLINE void group_scales(const scale_ctx *c, int64_t p, int64_t gi, __m512 *w
 /* ---- int path ---- */
 
 /* Scale the int32 block sums of MR rows x NP panels into the fp32 accumulators. */
-QN_INLINE void flush_int(__m512i iacc[4][4], __m512 facc[4][4], const qn_qtile *t, const scale_ctx *sc, int m0,
-                         int p0, int64_t b, int64_t gi, const int MR, const int NP, const int MODE) {
+QN_INLINE void flush_int(__m512i iacc[4][4], __m512 facc[4][4], const qn_qtile *t, const scale_ctx *sc,
+                         super_regs *sr, int m0, int p0, int64_t b, int64_t gi, const int MR, const int NP,
+                         const int MODE) {
     __m512 xdv[4], xsv[4];
     __m512i zsv[4], isv[4];
     const int has_o = sm_offset(sc, MODE) == QN_OFF_MIN;
     const int32_t zconst = sm_zconst(sc, MODE);
+    if (sm_nested(sc, MODE) && ((gi * sc->group) & (QN_SUPER - 1)) == 0) super_scales(sc, p0, gi, sr, NP, MODE);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; r++) {
         int64_t xb = (int64_t)(m0 + r) * t->ldxb + b;
@@ -161,7 +183,7 @@ QN_INLINE void flush_int(__m512i iacc[4][4], __m512 facc[4][4], const qn_qtile *
     for (int p = 0; p < NP; p++) {
         __m512 wsv, wov = _mm512_setzero_ps();
         __m512i wzv = _mm512_setzero_si512();
-        group_scales(sc, p0 + p, gi, &wsv, &wzv, &wov, MODE);
+        group_scales(sc, p0, p, gi, sr, &wsv, &wzv, &wov, MODE);
 #pragma GCC unroll 4
         for (int r = 0; r < MR; r++) {
             __m512i dot = iacc[r][p];
@@ -207,15 +229,16 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
             iacc[r][p] = _mm512_setzero_si512();
             facc[r][p] = _mm512_setzero_ps();
         }
+    super_regs sr = no_super();
     if (t->fb == 16) {
         /* two blocks per chunk (group 16) */
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t b = 2 * c, gi = b;
             int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 0, 4);
-            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
+            flush_int(iacc, facc, t, &sc, &sr, m0, p0, b, gi, MR, NP, MODE);
             b = gi = 2 * c + 1;
             int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 4, 8);
-            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
+            flush_int(iacc, facc, t, &sc, &sr, m0, p0, b, gi, MR, NP, MODE);
         }
     } else {
         /* blocks are whole groups (group <= 256) or slices of the one per-row group */
@@ -224,7 +247,7 @@ QN_INLINE void int_tile(const qn_qtile *t, int m0, int p0, const int bits, const
         for (int64_t b = 0; b < nb; b++) {
             int64_t c1 = qn_min64((b + 1) * cpb, nchunks), gi = one_group ? 0 : b;
             for (int64_t c = b * cpb; c < c1; c++) int_quads(iacc, pc, xr, c, cb, bits, MR, NP, 0, 8);
-            flush_int(iacc, facc, t, &sc, m0, p0, b, gi, MR, NP, MODE);
+            flush_int(iacc, facc, t, &sc, &sr, m0, p0, b, gi, MR, NP, MODE);
         }
     }
     for (int r = 0; r < MR; r++)
@@ -364,10 +387,12 @@ QN_INLINE void lut_quads(__m512 gacc[4][4], const uint8_t *const *pc, const floa
 
 #define QN_FLUSH_LUT(MR, NP)                                                                       \
     do {                                                                                           \
+        if (sm_nested(&sc, SM_GENERIC) && ((gi * sc.group) & (QN_SUPER - 1)) == 0)                   \
+            super_scales(&sc, p0, gi, &sr, NP, SM_GENERIC);                                        \
         for (int p = 0; p < NP; p++) {                                                             \
             __m512 wsv, wov;                                                                       \
             __m512i wzv;                                                                           \
-            group_scales(&sc, p0 + p, gi, &wsv, &wzv, &wov, SM_GENERIC);                                       \
+            group_scales(&sc, p0, p, gi, &sr, &wsv, &wzv, &wov, SM_GENERIC);                               \
             for (int r = 0; r < MR; r++) {                                                         \
                 facc[r][p] = _mm512_fmadd_ps(gacc[r][p], wsv, facc[r][p]);                         \
                 gacc[r][p] = _mm512_setzero_ps();                                                  \
@@ -381,6 +406,7 @@ QN_INLINE void lut_tile(const qn_qtile *t, int m0, int p0, const int bits, const
     const float *xr[4];
     __m512 gacc[4][4], facc[4][4];
     lut_regs L;
+    super_regs sr = no_super();
     const scale_ctx sc = make_scale_ctx(t);
     const float *lut = t->lut;
     int kind = t->lut_kind;

@@ -92,8 +92,8 @@ def weights(model):
         n += b.attn_norm.size + b.ffn_norm.size
         n += sum(v.size for v in (b.attn.q_norm, b.attn.k_norm) if v is not None)
         mlp = b.mlp
-        if getattr(mlp, "router_t", None) is not None:
-            n += mlp.router_t.size
+        if getattr(mlp, "router", None) is not None:
+            n += mlp.router.size
         experts = getattr(mlp, "experts", None)
         if experts is not None:
             n += experts.E * 3 * experts.ffn * experts.d

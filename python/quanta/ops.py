@@ -490,13 +490,21 @@ def _moe_common(op, x, experts, shared, out, return_counts):
     return ex, sh, xdt, counts
 
 
+def router_logits(x: np.ndarray, router_w: np.ndarray) -> np.ndarray:
+    """float32 logits[T, E] = x[T, d] @ router_w[E, d]^T: the product `moe` routes on (and
+    `quanta.reference.moe`, so both pick the same experts). On quanta's float matmul, not
+    NumPy's BLAS: whose idle worker threads would spin beside quanta's on the same cores."""
+    rw = router_w if router_w.dtype == np.float32 else np.asarray(router_w, np.float32)
+    return matmul(np.ascontiguousarray(x), np.ascontiguousarray(rw))
+
+
 def moe(x: np.ndarray, router_w: np.ndarray, experts, top_k: int, scoring: str = "softmax",
         renormalize: bool = True, bias: Optional[np.ndarray] = None, n_group: Optional[int] = None,
         topk_group: Optional[int] = None, routed_scaling: float = 1.0, shared=None,
         out: Optional[np.ndarray] = None, return_counts: bool = False, backend: str = "auto"):
     """A whole Mixture-of-Experts block: y[T, d] from x[T, d].
 
-    logits[T, E] = x @ router_w[E, d]^T (float32, NumPy/BLAS), then in one C call: routing
+    logits[T, E] = `router_logits` (x @ router_w^T), then in one C call: routing
     as in `moe_route` (same arguments), a stable permutation of the (token, slot) pairs by
     expert, per expert with tokens its quantized gate/up matmuls, silu(gate) * up, the
     down matmul, and y[t] += weight * row, experts visited in id order (deterministic, the
@@ -529,8 +537,7 @@ def moe(x: np.ndarray, router_w: np.ndarray, experts, top_k: int, scoring: str =
         return (y, c) if return_counts else y
     if backend != "auto":
         raise ValueError(f"moe: backend must be 'auto' or 'reference', got {backend!r}")
-    rw = router_w if router_w.dtype == np.float32 else router_w.astype(np.float32)
-    logits = np.asarray(x, dtype=np.float32) @ rw.T
+    logits = router_logits(x, router_w)
     y = _C.moe(x, xdt, logits, 0, *ra, None, None, ex._c, None if sh is None else sh._c, out, counts)
     return (y, counts) if return_counts else y
 

@@ -309,9 +309,11 @@ def moe_experts(x, weights, ids, experts, shared=None, act_quant: bool = False):
 
 def moe(x, router_w, experts, top_k, scoring="softmax", renormalize=True, bias=None, n_group=None,
         topk_group=None, routed_scaling=1.0, shared=None, act_quant: bool = False):
-    """float64 twin of quanta.ops.moe. The router logits are the float32 product
-    x @ router_w^T that the kernel path routes on, so both choose the same experts."""
-    logits = np.asarray(x, np.float32) @ np.asarray(router_w, np.float32).T
+    """float64 twin of quanta.ops.moe. The router logits are the float32 product the
+    kernel path routes on (`quanta.ops.router_logits`, checked by the matmul tests), so both
+    choose the same experts."""
+    from .ops import router_logits
+    logits = router_logits(np.asarray(x), np.asarray(router_w, np.float32))
     w, ids = moe_route(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling)
     return moe_experts(x, w, ids, experts, shared, act_quant)
 

@@ -172,7 +172,7 @@ class MoEBlock:
             for name, w, shape in (("gate", gates[e], (I, D)), ("up", ups[e], (I, D)), ("down", downs[e], (D, I))):
                 if tuple(w.shape) != shape:
                     raise ValueError(f"layer {layer}: expert {e} {name} has shape {tuple(w.shape)}, expected {shape}")
-        self.router_t = np.ascontiguousarray(router.T)
+        self.router = router
         self.E, self.top_k, self.renorm = E, cfg.top_k, bool(cfg.norm_topk_prob)
         self.quantized = all(isinstance(w, QuantizedTensor) for w in list(gates) + list(ups) + list(downs))
         self.shared_gate = None if shared_gate is None else np.ascontiguousarray(
@@ -200,13 +200,13 @@ class MoEBlock:
 
     @property
     def nbytes(self) -> int:
-        n = self.router_t.nbytes + sum(l.nbytes for l in self.linears())
+        n = self.router.nbytes + sum(l.nbytes for l in self.linears())
         if self.experts is not None:
             n += self.experts.nbytes + (0 if self.shared is None else self.shared.nbytes)
         return n
 
     def __call__(self, h, out, b):
-        logits = h @ self.router_t
+        logits = _C.matmul(h, 0, self.router, 0, None)  # as ops.router_logits
         if self.experts is not None:
             _C.moe(h, 0, logits, 0, *self._ra, None, None, self.experts._c, self._c_shared, out, None)
             return out
@@ -219,7 +219,8 @@ class MoEBlock:
         if self.shared_mlp is not None:
             y = _swiglu(h, *self.shared_mlp)
             if self.shared_gate is not None:
-                y *= (1.0 / (1.0 + np.exp(-(h @ self.shared_gate))))[:, None].astype(np.float32)
+                z = _C.matmul(h, 0, self.shared_gate[None, :], 0, None)
+                y *= (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
             out += y
         return out
 
