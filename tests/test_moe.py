@@ -315,6 +315,23 @@ def test_moe_4096_tokens_small(rng):
     np.testing.assert_array_equal(ops.moe(x[:777], rw, ex, 2), y[:777])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_router_logits_route_moe(rng, dtype):
+    """moe routes on router_logits (quanta's float matmul): its logits match x @ router_w^T
+    in float64, and moe equals moe_experts under the routing of those logits."""
+    E, d, ffn, T, k = 16, 96, 32, 7, 4
+    ex = make_experts(rng, E, d, ffn, "q8_0")
+    x = rng.standard_normal((T, d)).astype(dtype)
+    rw = (rng.standard_normal((E, d)) * 0.1).astype(np.float32)
+    logits = ops.router_logits(x, rw)
+    assert logits.dtype == np.float32 and logits.shape == (T, E)
+    assert_close(logits, x.astype(np.float64) @ rw.astype(np.float64).T, "matmul_f32", "router logits")
+    w, ids = ops.moe_route(logits, k)
+    np.testing.assert_array_equal(ops.moe(x, rw, ex, k), ops.moe_experts(x, w, ids, ex))
+    with pytest.raises(ValueError, match="router_w"):
+        ops.moe(x, rw[:, :-1], ex, k)
+
+
 def test_moe_experts_given_routing(rng):
     E, d, ffn, T = 6, 64, 32, 10
     ex = make_experts(rng, E, d, ffn, "q8_0")
